@@ -1,0 +1,72 @@
+"""Typed errors of the standalone bundle layer.
+
+Everything that reads, writes or runs a ``wts.h5.zip`` raises a subclass of :class:`BundleError` (or
+:class:`PredictionInputError` for bad inference input), so callers can catch one family and users get a
+message that names the cause and the fix. Nothing here imports MLflow; the flavor layer wraps these into
+``MlflowException`` with the right error code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PtychoFlavorError",
+    "BundleError",
+    "NotABundleError",
+    "CorruptBundleError",
+    "UnsafeBundleError",
+    "UnsupportedBundleError",
+    "TensorFlowBundleError",
+    "ArchitectureEraError",
+    "ConfigMismatchError",
+    "StateDictMismatchError",
+    "PredictionInputError",
+    "DatasetError",
+]
+
+
+class PtychoFlavorError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class BundleError(PtychoFlavorError):
+    """A ``wts.h5.zip`` bundle cannot be read or written."""
+
+
+class NotABundleError(BundleError):
+    """The path does not exist or is not a zip archive at all."""
+
+
+class CorruptBundleError(BundleError):
+    """The archive is damaged: truncated, bad CRC, missing member, hash mismatch, bad manifest."""
+
+
+class UnsafeBundleError(BundleError):
+    """The archive holds something a safe loader refuses: code-bearing pickles, path tricks, zip bombs."""
+
+
+class UnsupportedBundleError(BundleError):
+    """The bundle is well-formed but describes something this loader does not build."""
+
+
+class TensorFlowBundleError(UnsupportedBundleError):
+    """A TensorFlow (``version '1.0'``, ``model.keras``) archive was given to the PyTorch loader."""
+
+
+class ArchitectureEraError(UnsupportedBundleError):
+    """The state_dict comes from an older upstream architecture era (E0-E2) whose forward differs."""
+
+
+class ConfigMismatchError(BundleError):
+    """The params snapshot, the torch configs or the global config disagree with each other or the data."""
+
+
+class StateDictMismatchError(BundleError):
+    """The weights do not fit the network the configuration describes (strict load failed)."""
+
+
+class PredictionInputError(PtychoFlavorError, ValueError):
+    """Inference input has the wrong rank, shape, dtype or non-finite values."""
+
+
+class DatasetError(PtychoFlavorError, ValueError):
+    """A ptychography NPZ dataset is missing keys or holds arrays of the wrong shape, dtype or values."""

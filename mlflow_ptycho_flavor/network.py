@@ -1,0 +1,534 @@
+"""Clean-room PyTorch implementation of PtychoPINN's inference network (``diffraction_to_obj``).
+
+Written from the bundle-format specification (``docs/ptycho-torch-bundle-format.md`` §3, §8.4-8.5), not from
+upstream code. The module tree reproduces upstream's state_dict key for key, shape for shape and dtype for
+dtype (every key starts with ``model.`` because upstream saves its Lightning wrapper), including parameters that
+inference never uses (``forward_model.*``, decoder attention blocks), so bundles load strictly both ways.
+
+The network is built from a :class:`NetworkConfig` alone and never reads the global ``params.cfg``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigMismatchError, UnsupportedBundleError
+
+__all__ = ["NetworkConfig", "PtychoPINNNetwork", "encoder_depth", "SUPPORTED_ARCHITECTURES"]
+
+SUPPORTED_ARCHITECTURES = ("cnn",)
+_CNN_OUTPUT_MODES = ("amp_phase", "real_imag")
+_MODES = ("Unsupervised", "Supervised")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Every knob that changes the state_dict or the numerics of ``forward_predict`` (spec §8.1 roles S/F).
+
+    Field names follow upstream's torch ``ModelConfig``/``DataConfig`` (``C_model`` is the channel count
+    ``gridsize**2``). Instances are immutable: a built network keeps its own copy.
+    """
+
+    N: int = 64
+    C_model: int = 1
+    n_filters_scale: int = 2
+    object_big: bool = True
+    probe_big: bool = True
+    amp_activation: str = "sigmoid"
+    mode: str = "Unsupervised"
+    architecture: str = "cnn"
+    cnn_output_mode: str = "amp_phase"
+    use_shared_decoder: bool = False
+    batch_norm: bool = False
+    cbam_encoder: bool = True
+    cbam_bottleneck: bool = False
+    eca_encoder: bool = False
+    cbam_decoder: bool = False
+    eca_decoder: bool = False
+    spatial_decoder: bool = False
+    decoder_spatial_kernel: int = 7
+    use_legacy_decoder_channel_override: bool = False
+    decoder_last_amp_channels: int = 1
+    decoder_last_c_outer_fraction: float = 0.125
+    num_datasets: int = 1
+    intensity_scale_trainable: bool = False
+    intensity_scale: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.N not in (64, 128, 256):
+            raise ConfigMismatchError(f"N={self.N} is not supported; supported patch sizes: 64, 128, 256")
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedBundleError(
+                f"architecture={self.architecture!r} is not supported by this loader (supported: "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}); the FNO-family generators are not implemented"
+            )
+        if self.mode not in _MODES:
+            raise UnsupportedBundleError(f"mode={self.mode!r} is not supported; expected one of {_MODES}")
+        if self.cnn_output_mode not in _CNN_OUTPUT_MODES:
+            raise UnsupportedBundleError(
+                f"cnn_output_mode={self.cnn_output_mode!r} is not supported; expected one of {_CNN_OUTPUT_MODES}"
+            )
+        for name in ("C_model", "n_filters_scale", "num_datasets", "decoder_spatial_kernel"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigMismatchError(f"{name} must be a positive int, got {value!r}")
+        if self.use_legacy_decoder_channel_override and self.object_big:
+            if self.decoder_last_amp_channels not in (1, self.C_model):
+                raise ConfigMismatchError(
+                    f"decoder_last_amp_channels={self.decoder_last_amp_channels} must be 1 or C_model="
+                    f"{self.C_model} when use_legacy_decoder_channel_override is set"
+                )
+
+    # Derived quantities -------------------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """Input/output channels of the network: ``C_model`` with ``object_big``, else 1."""
+        return self.C_model if self.object_big else 1
+
+    @property
+    def gridsize(self) -> int:
+        return int(round(math.sqrt(self.C_model)))
+
+    @property
+    def effective_output_mode(self) -> str:
+        """``real_imag`` only for an Unsupervised CNN asking for it (Supervised forces amp_phase)."""
+        if self.mode == "Unsupervised" and self.cnn_output_mode == "real_imag":
+            return "real_imag"
+        return "amp_phase"
+
+    def replace(self, **changes: object) -> "NetworkConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def encoder_depth(N: int) -> int:
+    """Number of encoder blocks L: 3/4/5 for N = 64/128/256 (the bottleneck is always 8x8)."""
+    return {64: 3, 128: 4, 256: 5}[N]
+
+
+def _widths(cfg: NetworkConfig) -> tuple[list[int], list[int]]:
+    """Encoder block widths and decoder trunk widths (spec §3.2)."""
+    s = cfg.n_filters_scale
+    depth = encoder_depth(cfg.N)
+    encoder = [128 * s // 2 ** (depth - 1 - i) for i in range(depth)]
+    trunk = [32 * s * 2 ** (depth - 2 - j) for j in range(depth - 1)]
+    return encoder, trunk
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention blocks
+# --------------------------------------------------------------------------------------------------------------
+class _ChannelGate(nn.Module):
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        hidden = channels // reduction
+        self.mlp = nn.Sequential(
+            nn.Flatten(), nn.Linear(channels, hidden), nn.ReLU(), nn.Linear(hidden, channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = (x.size(2), x.size(3))
+        avg = F.avg_pool2d(x, window, stride=window)
+        peak = F.max_pool2d(x, window, stride=window)
+        attention = self.mlp(avg) + self.mlp(peak)
+        scale = torch.sigmoid(attention).unsqueeze(2).unsqueeze(3)
+        return x * scale
+
+
+class _SpatialGate(nn.Module):
+    def __init__(self, kernel_size: int = 7) -> None:
+        super().__init__()
+        self.compress = nn.Conv2d(2, 1, kernel_size, stride=1, padding=(kernel_size - 1) // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat((torch.max(x, 1)[0].unsqueeze(1), torch.mean(x, 1).unsqueeze(1)), dim=1)
+        return x * torch.sigmoid(self.compress(pooled))
+
+
+class _CBAM(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.ChannelGate = _ChannelGate(channels)
+        self.SpatialGate = _SpatialGate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.SpatialGate(self.ChannelGate(x))
+
+
+class _ECA(nn.Module):
+    """Efficient channel attention with a fixed kernel of 3 (spec §8.5.3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.mean(dim=(2, 3))
+        y = self.conv(y.unsqueeze(1)).squeeze(1)
+        return x * torch.sigmoid(y)[:, :, None, None]
+
+
+class _DecoderSpatialAttention(nn.Module):
+    """Built by ``spatial_decoder`` but never applied upstream; exists for its state_dict key."""
+
+    def __init__(self, kernel_size: int) -> None:
+        super().__init__()
+        self.spatial_gate = _SpatialGate(kernel_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Convolutional blocks
+# --------------------------------------------------------------------------------------------------------------
+def _conv3x3(cin: int, cout: int) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=1, padding=1)
+
+
+class _DoubleConv(nn.Module):
+    """conv1 -> [bn1] -> ReLU -> conv2 -> [bn2] -> ReLU (registration order conv1, conv2, bn1, bn2)."""
+
+    def __init__(self, cin: int, cout: int, batch_norm: bool) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(cin, cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn1 = nn.BatchNorm2d(cout) if batch_norm else None
+        self.bn2 = nn.BatchNorm2d(cout) if batch_norm else None
+
+    def double_conv(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        if self.bn1 is not None:
+            x = self.bn1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        if self.bn2 is not None:
+            x = self.bn2(x)
+        return F.relu(x)
+
+
+class _ConvPoolBlock(_DoubleConv):
+    def __init__(self, cin: int, cout: int, cfg: NetworkConfig) -> None:
+        super().__init__(cin, cout, cfg.batch_norm)
+        if cfg.cbam_encoder:
+            self.attention: nn.Module | None = _CBAM(cout)
+            self._apply_attention = True
+        else:
+            self.attention = _ECA() if cfg.eca_encoder else None
+            self._apply_attention = False  # upstream builds the ECA here but never applies it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.double_conv(x)
+        if self._apply_attention:
+            x = self.attention(x)
+        return F.max_pool2d(x, kernel_size=2, stride=2)
+
+
+class _ConvUpBlock(_DoubleConv):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.double_conv(x), scale_factor=2, mode="nearest")
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        widths, _ = _widths(cfg)
+        cin = cfg.channels
+        blocks = []
+        for width in widths:
+            blocks.append(_ConvPoolBlock(cin, width, cfg))
+            cin = width
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _decoder_attention_blocks(cfg: NetworkConfig, trunk: list[int]) -> nn.ModuleList | None:
+    """Decoder attention modules: built from flags, never applied (ECA, else spatial, else CBAM)."""
+    if cfg.eca_decoder:
+        return nn.ModuleList(_ECA() for _ in trunk)
+    if cfg.spatial_decoder:
+        return nn.ModuleList(_DecoderSpatialAttention(cfg.decoder_spatial_kernel) for _ in trunk)
+    if cfg.cbam_decoder:
+        return nn.ModuleList(_CBAM(width) for width in trunk)
+    return None
+
+
+class _Head(nn.Module):
+    """``Decoder_last``: centre path at N/2 padded to N, plus a border path masked to the outer ring."""
+
+    def __init__(
+        self, cfg: NetworkConfig, out_channels: int, border_channels: int, batch_norm: bool, activation
+    ) -> None:
+        super().__init__()
+        width = 32 * cfg.n_filters_scale
+        self.N = cfg.N
+        self.border_channels = border_channels
+        self.probe_big = cfg.probe_big
+        self.activation = activation
+        self.conv1 = _conv3x3(width - border_channels, out_channels)
+        self.conv_up_block = _ConvUpBlock(border_channels, width, batch_norm)
+        self.conv2 = _conv3x3(width, out_channels)
+        self.bn1 = nn.BatchNorm2d(out_channels) if batch_norm else None
+        self.bn2 = nn.BatchNorm2d(out_channels) if batch_norm else None
+        quarter = cfg.N // 4
+        mask = torch.ones(1, 1, cfg.N, cfg.N)
+        mask[..., quarter : cfg.N - quarter, quarter : cfg.N - quarter] = 0
+        self.register_buffer("border_mask", mask, persistent=False)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        split = y.size(1) - self.border_channels
+        centre = self.conv1(y[:, :split])
+        if self.bn1 is not None:
+            centre = self.bn1(centre)
+        centre = self.activation(centre)
+        quarter = self.N // 4
+        centre = F.pad(centre, (quarter, quarter, quarter, quarter), mode="constant", value=0.0)
+        if not self.probe_big:
+            return centre
+        border = self.conv2(self.conv_up_block(y[:, split:]))
+        if self.bn2 is not None:
+            border = self.bn2(border)
+        border = F.silu(border) * self.border_mask
+        return centre + border
+
+
+def _amp_activation(cfg: NetworkConfig):
+    if cfg.effective_output_mode == "real_imag":
+        return _real_activation
+    return torch.sigmoid if cfg.amp_activation == "sigmoid" else F.silu
+
+
+def _phase_activation(cfg: NetworkConfig):
+    if cfg.effective_output_mode == "real_imag":
+        return _imag_activation
+    return _pi_tanh
+
+
+def _pi_tanh(x: torch.Tensor) -> torch.Tensor:
+    return math.pi * torch.tanh(x)
+
+
+def _real_activation(x: torch.Tensor) -> torch.Tensor:
+    return 0.2 + torch.tanh(x)
+
+
+def _imag_activation(x: torch.Tensor) -> torch.Tensor:
+    return 1.2 * torch.tanh(x)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _border_width(cfg: NetworkConfig, out_channels: int) -> int:
+    """Channels routed to the border path: ``Co`` at HEAD, or the legacy fraction with the override."""
+    if cfg.use_legacy_decoder_channel_override:
+        fraction = min(max(cfg.decoder_last_c_outer_fraction, 0.0), 0.5)
+        return max(1, int(math.floor(32 * cfg.n_filters_scale * fraction)))
+    return out_channels
+
+
+class _SeparateDecoder(nn.Module):
+    """``decoder_amp`` / ``decoder_phase``: a trunk of up-blocks and one head."""
+
+    def __init__(self, cfg: NetworkConfig, head_name: str, out_channels: int, batch_norm: bool, activation):
+        super().__init__()
+        _, trunk = _widths(cfg)
+        cin = 128 * cfg.n_filters_scale
+        blocks = []
+        for width in trunk:
+            blocks.append(_ConvUpBlock(cin, width, batch_norm))
+            cin = width
+        self.blocks = nn.ModuleList(blocks)
+        attention = _decoder_attention_blocks(cfg, trunk)
+        if attention is not None:
+            self.attention_blocks = attention
+        self.head_name = head_name
+        head = _Head(cfg, out_channels, _border_width(cfg, out_channels), batch_norm, activation)
+        self.add_module(head_name, head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return getattr(self, self.head_name)(x)
+
+
+class _RefinementBlock(nn.Module):
+    def __init__(self, channels: int, expansion: int) -> None:
+        super().__init__()
+        wide = expansion * channels
+        self.block = nn.Sequential(
+            _conv3x3(channels, wide), nn.ReLU(), _conv3x3(wide, wide), nn.ReLU(), _conv3x3(wide, channels)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.block(x))
+
+
+class _SharedDecoder(nn.Module):
+    """``decoder_shared`` (spec §8.5.5): one trunk with refinement blocks and ECA, one 2-branch head."""
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        _, trunk = _widths(cfg)
+        if cfg.use_legacy_decoder_channel_override:
+            self.branch_channels = cfg.decoder_last_amp_channels if cfg.object_big else 1
+        else:
+            self.branch_channels = cfg.channels
+        head_channels = 2 * self.branch_channels
+        cin = 128 * cfg.n_filters_scale
+        blocks, refinements = [], []
+        for j, width in enumerate(trunk):
+            blocks.append(_ConvUpBlock(cin, width, cfg.batch_norm))
+            refinements.append(_RefinementBlock(width, 2 if j == len(trunk) - 1 else 1))
+            cin = width
+        self.blocks = nn.ModuleList(blocks)
+        attention = _decoder_attention_blocks(cfg, trunk)
+        if attention is not None:
+            self.attention_blocks = attention
+        self.refinement_blocks = nn.ModuleList(refinements)
+        self.eca = _ECA()
+        border = _border_width(cfg, head_channels)
+        self.head = _Head(cfg, head_channels, border, cfg.batch_norm, _identity)
+        self.first_activation = _amp_activation(cfg)
+        self.second_activation = _phase_activation(cfg)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for block, refinement in zip(self.blocks, self.refinement_blocks):
+            x = refinement(block(x))
+        raw = self.head(self.eca(x))
+        first = raw[:, : self.branch_channels]
+        second = raw[:, self.branch_channels :]
+        return self.first_activation(first), self.second_activation(second)
+
+
+class _Autoencoder(nn.Module):
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.encoder = _Encoder(cfg)
+        self.bottleneck_cbam = _CBAM(128 * cfg.n_filters_scale) if cfg.cbam_bottleneck else nn.Identity()
+        self.shared = cfg.use_shared_decoder
+        if cfg.use_shared_decoder:
+            self.decoder_shared = _SharedDecoder(cfg)
+        else:
+            phase_channels = cfg.channels
+            if cfg.use_legacy_decoder_channel_override and cfg.object_big:
+                amp_channels = cfg.decoder_last_amp_channels
+            else:
+                amp_channels = cfg.channels
+            self.decoder_amp = _SeparateDecoder(cfg, "amp", amp_channels, False, _amp_activation(cfg))
+            self.decoder_phase = _SeparateDecoder(
+                cfg, "phase", phase_channels, cfg.batch_norm, _phase_activation(cfg)
+            )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.bottleneck_cbam(self.encoder(x))
+        if self.shared:
+            return self.decoder_shared(y)
+        return self.decoder_amp(y), self.decoder_phase(y)
+
+
+class _RectScaler(nn.Module):
+    def __init__(self, num_datasets: int) -> None:
+        super().__init__()
+        self.s1 = nn.Parameter(torch.ones(num_datasets))
+        self.s2 = nn.Parameter(torch.ones(num_datasets))
+
+
+class _ForwardModel(nn.Module):
+    """Training-physics parameters: present in the state_dict (strict loads need them), unused at inference."""
+
+    def __init__(self, num_datasets: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_datasets))
+        self.beta = nn.Parameter(torch.ones(num_datasets))
+        self.rect_scaler = _RectScaler(num_datasets)
+
+
+class _PtychoPINNCore(nn.Module):
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.autoencoder = _Autoencoder(cfg)
+        if cfg.mode == "Unsupervised":
+            self.forward_model = _ForwardModel(cfg.num_datasets)
+
+
+class PtychoPINNNetwork(nn.Module):
+    """The ``diffraction_to_obj`` network: amplitudes ``(B, C, N, N)`` float32 -> complex64 object patches.
+
+    ``forward(x, input_scale_factor)`` follows upstream's ``forward_predict`` (spec §4.1, §8.4): the input is
+    multiplied by the caller's per-sample factor, unless the model carries a trainable intensity scale, in
+    which case ``exp(float32(ln intensity_scale))`` replaces it. Use :meth:`eval` before inference (batch norm
+    uses running statistics only in eval mode); :func:`~mlflow_ptycho_flavor.bundle.load_torch_bundle` returns
+    the network in eval mode.
+
+    Attributes:
+        config: the immutable :class:`NetworkConfig` the network was built from.
+    """
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        self.config = config
+        with warnings.catch_warnings():
+            # N=256 with n_filters_scale=1 has a zero-width CBAM gate (spec §8.5.2); its init is a no-op.
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self.model = _PtychoPINNCore(config)
+        self._real_imag = config.effective_output_mode == "real_imag"
+        scale = None
+        if config.intensity_scale_trainable:
+            log_scale = torch.tensor(math.log(config.intensity_scale), dtype=torch.float32)
+            if bool(log_scale):  # upstream's truthiness test: ln(1) = 0 keeps the caller's factor
+                scale = torch.exp(log_scale)
+        # Not a buffer: upstream's log_scale is neither in the state_dict nor moved with the module.
+        self._fixed_input_scale = scale
+
+    @property
+    def input_channels(self) -> int:
+        return self.config.channels
+
+    @property
+    def uses_fixed_input_scale(self) -> bool:
+        """True when the model ignores the caller's scale factor (trainable intensity scale, §8.4)."""
+        return self._fixed_input_scale is not None
+
+    def forward(self, x: torch.Tensor, input_scale_factor: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Predict complex object patches from amplitude patterns.
+
+        Args:
+            x: float32 ``(B, C, N, N)`` amplitudes (C = ``config.channels``).
+            input_scale_factor: per-sample factor broadcastable to ``x`` (normally ``(B, 1, 1, 1)``);
+                ``None`` means 1.
+
+        Returns:
+            complex64 ``(B, C, N, N)``.
+        """
+        if self._fixed_input_scale is not None:
+            x = x * self._fixed_input_scale
+        elif input_scale_factor is not None:
+            x = x * input_scale_factor
+        first, second = self.model.autoencoder(x)
+        if first.shape != second.shape:
+            raise UnsupportedBundleError(
+                f"the amplitude and phase heads give different shapes {tuple(first.shape)} vs "
+                f"{tuple(second.shape)} (use_legacy_decoder_channel_override with decoder_last_amp_channels="
+                f"{self.config.decoder_last_amp_channels} and separate decoders); upstream cannot predict with "
+                "this configuration either"
+            )
+        if self._real_imag:
+            return torch.complex(first, second)
+        return first.to(torch.complex64) * torch.exp(1j * second.to(torch.complex64))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"N={c.N}, C={c.C_model}, n_filters_scale={c.n_filters_scale}, output={c.effective_output_mode}, "
+            f"shared_decoder={c.use_shared_decoder}, batch_norm={c.batch_norm}"
+        )
