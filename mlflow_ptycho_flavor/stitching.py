@@ -103,7 +103,8 @@ class StitchResult:
 def _as_patches(patches: Any) -> np.ndarray:
     """Return ``patches`` as an ndarray after checking dtype, rank, squareness, emptiness and finiteness."""
     arr = np.asarray(patches)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.complexfloating) or np.issubdtype(arr.dtype, np.floating)):
+    kind_ok = np.issubdtype(arr.dtype, np.complexfloating) or np.issubdtype(arr.dtype, np.floating)
+    if arr.dtype == object or not kind_ok:
         raise PredictionInputError(
             f"patches: dtype {arr.dtype} is not supported; pass complex (complex64/complex128) or real floating "
             f"(float32/float64) object patches, e.g. patches.astype(np.complex64)."
