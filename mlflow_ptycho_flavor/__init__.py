@@ -1,8 +1,104 @@
-"""mlflow-ptycho-flavor: PtychoPINN PyTorch models as first-class MLflow models (flavor ``ptycho_torch``)."""
+"""mlflow-ptycho-flavor: PtychoPINN PyTorch models as first-class MLflow models (flavor ``ptycho_torch``).
 
+Two layers:
+
+* standalone (no MLflow needed): :func:`save_torch_bundle` / :func:`load_torch_bundle` read and write upstream's
+  ``wts.h5.zip`` layout, with the clean-room network :class:`PtychoPINNNetwork`;
+* the MLflow flavor: :func:`save_model`, :func:`log_model`, :func:`load_model` and the pyfunc loader. MLflow is
+  imported only when one of these is first used, and ``mlflow.ptycho_torch`` appears as soon as both this
+  package and MLflow are imported, in either order.
+
+Example:
+    >>> import mlflow, mlflow_ptycho_flavor  # doctest: +SKIP
+    >>> info = mlflow.ptycho_torch.log_model(network, name="model")  # doctest: +SKIP
+    >>> obj = mlflow.pyfunc.load_model(info.model_uri).predict(amplitudes)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _mlflow_hook
 from .bundle import BundleLimits, load_torch_bundle, read_bundle, save_torch_bundle
-from .errors import *  # noqa: F401,F403
+from .errors import (
+    ArchitectureEraError,
+    BundleError,
+    ConfigMismatchError,
+    CorruptBundleError,
+    DatasetError,
+    NotABundleError,
+    PredictionInputError,
+    PtychoFlavorError,
+    StateDictMismatchError,
+    TensorFlowBundleError,
+    UnsafeBundleError,
+    UnsupportedBundleError,
+)
+from .inference import PtychoTorchModel
 from .network import NetworkConfig, PtychoPINNNetwork
+from .params import restore_params
 
 __version__ = "0.1.0"
 FLAVOR_NAME = "ptycho_torch"
+
+__all__ = [
+    "FLAVOR_NAME",
+    "save_model",
+    "log_model",
+    "load_model",
+    "get_default_pip_requirements",
+    "get_default_conda_env",
+    "spark_predict",
+    "save_torch_bundle",
+    "load_torch_bundle",
+    "read_bundle",
+    "restore_params",
+    "BundleLimits",
+    "NetworkConfig",
+    "PtychoPINNNetwork",
+    "PtychoTorchModel",
+    "PtychoFlavorError",
+    "BundleError",
+    "NotABundleError",
+    "CorruptBundleError",
+    "UnsafeBundleError",
+    "UnsupportedBundleError",
+    "TensorFlowBundleError",
+    "ArchitectureEraError",
+    "ConfigMismatchError",
+    "StateDictMismatchError",
+    "PredictionInputError",
+    "DatasetError",
+]
+
+_FLAVOR_ATTRIBUTES = {
+    "save_model",
+    "log_model",
+    "load_model",
+    "get_default_pip_requirements",
+    "get_default_conda_env",
+    "infer_signature",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the MLflow side lazily, so the standalone loader never pays for (or needs) MLflow."""
+    if name in _FLAVOR_ATTRIBUTES:
+        from . import flavor
+
+        return getattr(flavor, name)
+    if name == "spark_predict":
+        from .spark import spark_predict
+
+        return spark_predict
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _load_pyfunc(path: str, model_config: dict | None = None):
+    """pyfunc loader entry point (``loader_module: mlflow_ptycho_flavor`` in MLmodel)."""
+    from .flavor import _load_pyfunc as load
+
+    return load(path, model_config)
+
+
+_mlflow_hook.install()

@@ -1,0 +1,388 @@
+"""The ``ptycho_torch`` MLflow flavor: save, log and load PtychoPINN PyTorch models.
+
+A saved model carries two flavors:
+
+* ``ptycho_torch`` (native): the standalone ``wts.h5.zip`` bundle is the primary artifact at the model root, so
+  it can be downloaded and loaded without MLflow (:func:`mlflow_ptycho_flavor.load_torch_bundle`), and
+  upstream PtychoPINN loads it too. The MLmodel section records what a reader needs without opening the zip.
+* ``python_function``: :func:`mlflow.pyfunc.load_model` returns a wrapper whose ``predict`` runs
+  ``diffraction_to_obj`` on the device chosen at load time; ``mlflow models serve`` serves it.
+
+After ``import mlflow_ptycho_flavor`` this module is also ``mlflow.ptycho_torch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelInputExample, ModelSignature
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+)
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
+
+from . import _mlflow_env
+from .bundle import BUNDLE_FILE_NAME, BundleContents, read_bundle, resolve_device, save_torch_bundle
+from .errors import BundleError, NotABundleError
+from .inference import PtychoTorchModel
+from .network import PtychoPINNNetwork
+from .params import restore_params
+from .pyfunc import PtychoTorchPyfuncModel, param_schema
+
+__all__ = [
+    "FLAVOR_NAME",
+    "save_model",
+    "log_model",
+    "load_model",
+    "get_default_pip_requirements",
+    "get_default_conda_env",
+    "infer_signature",
+]
+
+_logger = logging.getLogger(__name__)
+
+FLAVOR_NAME = "ptycho_torch"
+LOADER_MODULE = "mlflow_ptycho_flavor"
+_DEVICE_ENV = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
+
+
+def get_default_pip_requirements() -> list[str]:
+    """Pinned requirements (public versions, no ``+cpu`` tags) a serving environment needs."""
+    return _mlflow_env.default_pip_requirements()
+
+
+def get_default_conda_env() -> dict[str, Any]:
+    """The default conda environment for models produced by this flavor."""
+    return _mlflow_env.default_conda_env()
+
+
+def infer_signature(contents: BundleContents | PtychoPINNNetwork) -> ModelSignature:
+    """A signature with the ``(-1, C, N, N)`` float32 output tensor spec and the params schema.
+
+    The input is documented in the MLmodel flavor section rather than enforced as a schema, because the model
+    accepts several input forms (``(B, N, N)`` arrays, dicts with a scale, DataFrames) that a single tensor
+    spec would reject (see docs/mlflow-notes.md).
+    """
+    import numpy as np
+    from mlflow.types.schema import Schema, TensorSpec
+
+    config = contents.network_config if isinstance(contents, BundleContents) else contents.config
+    c, n = config.channels, config.N
+    outputs = Schema(
+        [
+            TensorSpec(np.dtype(np.float32), (-1, c, n, n), name="real"),
+            TensorSpec(np.dtype(np.float32), (-1, c, n, n), name="imag"),
+        ]
+    )
+    return ModelSignature(inputs=None, outputs=outputs, params=param_schema())
+
+
+def _invalid(message: str) -> MlflowException:
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _validate_model_argument(model: Any) -> None:
+    if isinstance(model, PtychoPINNNetwork):
+        return
+    if isinstance(model, (str, os.PathLike)):
+        return
+    raise TypeError(
+        "`model` must be a PtychoPINNNetwork (the diffraction_to_obj module) or a path to a wts.h5.zip bundle, "
+        f"got {type(model).__name__}"
+    )
+
+
+def _check_target(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise MlflowException(
+            f"Path '{path}' already exists and is not empty; choose a new directory (nothing was written)",
+            error_code=RESOURCE_ALREADY_EXISTS,
+        )
+
+
+def _flavor_section(contents: BundleContents, bundle_sha256: str) -> dict[str, Any]:
+    import torch
+
+    config = contents.network_config
+    return {
+        "bundle": BUNDLE_FILE_NAME,
+        "bundle_version": contents.version,
+        "backend": contents.backend,
+        "bundle_sha256": bundle_sha256,
+        "pytorch_version": str(torch.__version__),
+        "N": config.N,
+        "gridsize": int(contents.params["gridsize"]),
+        "C": config.channels,
+        "n_filters_scale": config.n_filters_scale,
+        "architecture": config.architecture,
+        "mode": config.mode,
+        "output_mode": config.effective_output_mode,
+        "object_big": config.object_big,
+        "probe_big": config.probe_big,
+        "batch_norm": config.batch_norm,
+        "use_shared_decoder": config.use_shared_decoder,
+        "intensity_scale": contents.intensity_scale,
+        "fixed_input_scale": bool(
+            config.intensity_scale_trainable and config.intensity_scale != 1.0
+        ),
+        "has_scaling_metadata": contents.metadata is not None,
+        "input": "float32 amplitudes (B, C, N, N) or (B, N, N) for C=1; optional per-sample scale",
+        "output": "complex64 (B, C, N, N); JSON-safe real/imag or amp/phase forms when serving",
+    }
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    config: dict[str, Any] | None = None,
+    autoencoder: Any = None,
+    intensity_scale: float | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    pip_requirements: Any = None,
+    extra_pip_requirements: Any = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    mlflow_model: Model | None = None,
+    metadata: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+) -> None:
+    """Save a PtychoPINN model as an MLflow model directory whose primary artifact is ``wts.h5.zip``.
+
+    Args:
+        model: the ``diffraction_to_obj`` :class:`PtychoPINNNetwork`, or a path to an existing ``wts.h5.zip``
+            (validated, then stored byte for byte - bundles trained by upstream are logged as they are).
+        path: the model directory to create (must not exist, or be empty).
+        config: legacy ``params.cfg`` values recorded in the bundle when saving a network (``nphotons``, ...).
+        autoencoder: optional autoencoder module (default: upstream's weightless sentinel).
+        intensity_scale: the physics scaling constant recorded in ``params.dill`` (network input only).
+        signature: model signature; inferred (output tensors + params schema) when omitted.
+        input_example: an input example to store with the model.
+        pip_requirements, extra_pip_requirements, conda_env: environment overrides, as in ``mlflow.pytorch``.
+        code_paths: local code to ship with the model (e.g. this package's folder for a plain checkout).
+        mlflow_model: the :class:`mlflow.models.Model` to add flavors to (``Model.log`` passes one).
+        metadata: custom metadata stored in MLmodel.
+        model_config: load-time options declared for ``pyfunc.load_model(..., model_config=...)``; ``device``
+            is always declared.
+
+    Raises:
+        MlflowException: bad arguments (nothing is written) or an existing non-empty ``path``.
+    """
+    _mlflow_env.validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
+    _validate_model_argument(model)
+    if not isinstance(model, PtychoPINNNetwork) and (config is not None or autoencoder is not None or intensity_scale is not None):
+        raise _invalid(
+            "`config`, `autoencoder` and `intensity_scale` apply when saving a network; a bundle path is stored "
+            "as it is"
+        )
+    if model_config is not None and not isinstance(model_config, dict):
+        raise _invalid(f"`model_config` must be a dict, got {type(model_config).__name__}")
+    target = Path(os.fspath(path)).resolve()
+    _check_target(target)
+    source_bundle = None
+    if not isinstance(model, PtychoPINNNetwork):
+        try:
+            source_contents = read_bundle(model)
+        except BundleError as exc:
+            raise _invalid(f"`model` path {os.fspath(model)!r} is not a loadable bundle: {exc}") from exc
+        source_bundle = source_contents.path
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        bundle_path = staging / BUNDLE_FILE_NAME
+        if source_bundle is not None:
+            shutil.copyfile(source_bundle, bundle_path)
+        else:
+            models: dict[str, Any] = {"diffraction_to_obj": model}
+            if autoencoder is not None:
+                models["autoencoder"] = autoencoder
+            save_torch_bundle(models, bundle_path, config, intensity_scale=intensity_scale)
+        contents = read_bundle(bundle_path)
+
+        mlflow_model = mlflow_model if mlflow_model is not None else Model()
+        if signature is None and input_example is None:
+            signature = infer_signature(contents)
+        if signature is not None:
+            mlflow_model.signature = signature
+        if input_example is not None:
+            _mlflow_env.save_input_example(mlflow_model, input_example, str(staging))
+        if metadata is not None:
+            mlflow_model.metadata = metadata
+        code_dir = _mlflow_env.copy_code_paths(code_paths, str(staging))
+        mlflow_model.add_flavor(FLAVOR_NAME, code=code_dir, **_flavor_section(contents, _sha256(bundle_path)))
+        pyfunc.add_to_model(
+            mlflow_model,
+            loader_module=LOADER_MODULE,
+            data=BUNDLE_FILE_NAME,
+            code=code_dir,
+            conda_env=_mlflow_env.CONDA_ENV_FILE_NAME,
+            python_env=_mlflow_env.PYTHON_ENV_FILE_NAME,
+            model_config={"device": None, **(model_config or {})},
+        )
+        mlflow_model.save(str(staging / MLMODEL_FILE_NAME))
+        _mlflow_env.write_environment_files(
+            str(staging),
+            conda_env=conda_env,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+        )
+        _check_target(target)
+        if target.exists():
+            target.rmdir()
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def log_model(
+    model: Any,
+    name: str | None = None,
+    *,
+    config: dict[str, Any] | None = None,
+    autoencoder: Any = None,
+    intensity_scale: float | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    pip_requirements: Any = None,
+    extra_pip_requirements: Any = None,
+    conda_env: Any = None,
+    code_paths: list[str] | None = None,
+    registered_model_name: str | None = None,
+    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    metadata: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    **kwargs: Any,
+):
+    """Log a PtychoPINN model (network or ``wts.h5.zip`` path) as an MLflow model; see :func:`save_model`.
+
+    Works with or without an active run (MLflow starts one when needed). ``registered_model_name`` also
+    registers a model version. Extra keyword arguments (``params``, ``tags``, ``model_type``, ``step``,
+    ``model_id``) go to :meth:`mlflow.models.Model.log`.
+
+    Returns:
+        :class:`mlflow.models.model.ModelInfo` of the logged model.
+    """
+    import sys
+
+    return Model.log(
+        artifact_path=None,
+        name=name or "model",
+        flavor=sys.modules[__name__],
+        model=model,
+        config=config,
+        autoencoder=autoencoder,
+        intensity_scale=intensity_scale,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        registered_model_name=registered_model_name,
+        await_registration_for=await_registration_for,
+        metadata=metadata,
+        model_config=model_config,
+        **kwargs,
+    )
+
+
+def _load_native(bundle_path: str | os.PathLike, device: Any) -> PtychoTorchModel:
+    try:
+        contents = read_bundle(bundle_path)
+        restore_params(contents.params)  # CONFIG-001, before the network is built
+        network = contents.build_network(device)
+    except BundleError as exc:
+        code = RESOURCE_DOES_NOT_EXIST if isinstance(exc, NotABundleError) else INVALID_PARAMETER_VALUE
+        raise MlflowException(f"cannot load the ptycho_torch bundle {os.fspath(bundle_path)}: {exc}", error_code=code) from exc
+    except ValueError as exc:  # bad device
+        raise _invalid(str(exc)) from exc
+    return PtychoTorchModel(
+        network=network,
+        params=dict(contents.params),
+        manifest=dict(contents.manifest),
+        metadata=contents.metadata,
+        bundle_path=str(contents.path),
+    )
+
+
+def _is_local_bundle(model_uri: str) -> bool:
+    if "://" in model_uri or model_uri.startswith(("runs:", "models:")):
+        return False
+    path = Path(model_uri)
+    return path.suffix == ".zip" or path.name.endswith(".h5") or (path.is_file() and not path.is_dir())
+
+
+def load_model(model_uri: str, dst_path: str | None = None, *, device: Any = None) -> PtychoTorchModel:
+    """Load a ``ptycho_torch`` model as a native :class:`~mlflow_ptycho_flavor.inference.PtychoTorchModel`.
+
+    Args:
+        model_uri: any MLflow model URI (local directory, ``runs:/<run_id>/model``, ``models:/name/1``,
+            ``models:/name@alias``, ``models:/m-<id>``), or a bare ``wts.h5.zip`` path.
+        dst_path: where to download remote artifacts (a temporary directory by default).
+        device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
+
+    Returns:
+        The network on its device, with the params, manifest and metadata, and a ``predict`` method.
+    """
+    model_uri = os.fspath(model_uri)
+    if _is_local_bundle(model_uri):
+        return _load_native(model_uri, device)
+    local_path = _mlflow_env.download_model(model_uri, dst_path)
+    flavor_conf = _mlflow_env.flavor_configuration(local_path, FLAVOR_NAME)
+    _mlflow_env.add_code_to_system_path(local_path, flavor_conf)
+    _warn_on_torch_version_change(flavor_conf)
+    return _load_native(os.path.join(local_path, flavor_conf.get("bundle", BUNDLE_FILE_NAME)), device)
+
+
+def _warn_on_torch_version_change(flavor_conf: dict[str, Any]) -> None:
+    import torch
+
+    saved = flavor_conf.get("pytorch_version")
+    if saved and saved != str(torch.__version__):
+        _logger.warning(
+            "Stored model was saved with torch %s but torch %s is installed; the state_dict format is stable, "
+            "but outputs may differ in the last bits",
+            saved,
+            torch.__version__,
+        )
+
+
+def _resolve_pyfunc_device(model_config: dict[str, Any] | None) -> Any:
+    device = (model_config or {}).get("device")
+    if device in (None, ""):
+        device = os.environ.get(_DEVICE_ENV) or None
+    return device
+
+
+def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> PtychoTorchPyfuncModel:
+    """pyfunc loader: ``path`` is the ``wts.h5.zip`` in the model directory (the pyfunc ``data`` entry)."""
+    device = _resolve_pyfunc_device(model_config)
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise _invalid(f"{exc} (set via model_config['device'] or {_DEVICE_ENV})") from exc
+    return PtychoTorchPyfuncModel(_load_native(path, device))
+

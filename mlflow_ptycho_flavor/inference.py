@@ -1,0 +1,304 @@
+"""Inference on a loaded bundle: input validation, scaling, batching, output encodings (no MLflow).
+
+:class:`PtychoTorchModel` is the native object both :func:`mlflow_ptycho_flavor.load_model` and the pyfunc
+wrapper hold: the network on its device, the params snapshot, the manifest and metadata, and a ``predict``
+that turns diffraction amplitudes (or raw counts) into complex object patches.
+
+Input conventions (spec §4):
+    * ``diffraction``: float ``(B, N, N)`` (single-channel models) or ``(B, C, N, N)``, amplitudes = sqrt(counts);
+      ``input_kind="intensity"`` takes raw counts and applies the square root here.
+    * ``scale``: the per-sample input factor of upstream's ``forward_predict`` - a scalar, ``(B,)``, ``(B, 1)`` or
+      ``(B, 1, 1, 1)``; default 1 (inputs already normalized). ``normalize="dataset"`` computes upstream's
+      normalization factor ``sqrt((N/2)^2 / mean sum amp^2)`` over the whole input instead, so the result does not
+      depend on how the input is split into batches.
+    * An empty batch returns an empty ``(0, C, N, N)`` result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import PredictionInputError
+from .network import PtychoPINNNetwork
+
+__all__ = [
+    "PtychoTorchModel",
+    "OUTPUT_FORMATS",
+    "INPUT_KINDS",
+    "NORMALIZE_MODES",
+    "DEFAULT_BATCH_SIZE",
+    "prepare_diffraction",
+    "prepare_scale",
+    "dataset_normalization_factor",
+    "encode_output",
+]
+
+OUTPUT_FORMATS = ("complex", "real_imag", "amp_phase")
+INPUT_KINDS = ("amplitude", "intensity")
+NORMALIZE_MODES = ("none", "dataset")
+DEFAULT_BATCH_SIZE = 256
+
+
+def _as_array(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise PredictionInputError(f"`{name}` could not be read as an array: {exc}") from exc
+    if array.dtype == object:
+        try:
+            array = np.stack([np.asarray(v) for v in value])
+        except (ValueError, TypeError) as exc:
+            raise PredictionInputError(
+                f"`{name}` is ragged (rows of different lengths); every pattern must be N x N"
+            ) from exc
+    return array
+
+
+def prepare_diffraction(
+    diffraction: Any,
+    *,
+    N: int,
+    channels: int,
+    input_kind: str = "amplitude",
+) -> np.ndarray:
+    """Validate diffraction input and return contiguous float32 amplitudes ``(B, C, N, N)``.
+
+    Raises:
+        PredictionInputError: wrong rank, N or channel count, non-float dtype, non-finite values, negative counts.
+    """
+    if input_kind not in INPUT_KINDS:
+        raise PredictionInputError(f"`input_kind`={input_kind!r} is not one of {INPUT_KINDS}")
+    array = _as_array(diffraction, "diffraction")
+    if array.dtype.kind not in "f":
+        hint = (
+            "complex input: pass amplitudes |psi| (float), not the complex field"
+            if array.dtype.kind == "c"
+            else "cast to float32 (amplitudes), or pass raw counts as float with input_kind='intensity'"
+        )
+        raise PredictionInputError(f"`diffraction` has dtype {array.dtype}; expected floating point ({hint})")
+    if array.ndim == 2 and array.shape[-1] in (N * N, channels * N * N) and array.shape[-1] != N:
+        # Flattened rows, as tabular inputs (DataFrames, Spark) carry them.
+        per_row = array.shape[-1] // (N * N)
+        array = array.reshape(array.shape[0], per_row, N, N)
+    elif array.ndim == 3:
+        if channels != 1 and array.shape[0] != 0:
+            raise PredictionInputError(
+                f"`diffraction` has shape {array.shape} (B, N, N) but this model takes C={channels} channels "
+                f"(gridsize {int(math.isqrt(channels))}); pass (B, {channels}, {N}, {N}) groups of neighbouring "
+                "patterns (see mlflow_ptycho_flavor.grouping.group_patterns)"
+            )
+        array = array.reshape(array.shape[0], 1, *array.shape[1:])
+    if array.ndim != 4:
+        raise PredictionInputError(
+            f"`diffraction` must have rank 3 (B, N, N) or 4 (B, C, N, N), got shape {array.shape}"
+        )
+    if array.shape[2:] != (N, N):
+        raise PredictionInputError(
+            f"`diffraction` patterns are {array.shape[2]}x{array.shape[3]} but this model was trained on "
+            f"N={N}: crop or resample the patterns to {N}x{N}"
+        )
+    if array.shape[1] != channels:
+        raise PredictionInputError(
+            f"`diffraction` has {array.shape[1]} channel(s) but this model takes C={channels} (gridsize "
+            f"{int(math.isqrt(channels))}); shape must be (B, {channels}, {N}, {N})"
+        )
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.size and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise PredictionInputError(f"`diffraction` holds {bad} NaN or infinite value(s); clean the data first")
+    if input_kind == "intensity":
+        if array.size and float(array.min()) < 0:
+            raise PredictionInputError(
+                "`diffraction` holds negative counts with input_kind='intensity'; counts must be >= 0 "
+                "(clip background-subtracted data, or pass amplitudes with input_kind='amplitude')"
+            )
+        array = np.sqrt(array)
+    return array
+
+
+def prepare_scale(scale: Any, batch: int) -> np.ndarray:
+    """Validate the per-sample factor and return float32 ``(B, 1, 1, 1)``."""
+    if scale is None:
+        return np.ones((batch, 1, 1, 1), dtype=np.float32)
+    array = _as_array(scale, "scale")
+    if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
+        raise PredictionInputError(f"`scale` has dtype {array.dtype}; expected a real number per sample")
+    if array.size == 1:
+        array = np.full((batch, 1, 1, 1), float(array.reshape(())), dtype=np.float32)
+    elif array.size == batch and array.shape[0] == batch:
+        array = array.reshape(batch, 1, 1, 1).astype(np.float32)
+    else:
+        raise PredictionInputError(
+            f"`scale` has shape {array.shape}; expected a scalar or one value per sample (B={batch}): "
+            f"(B,), (B, 1) or (B, 1, 1, 1)"
+        )
+    if not np.isfinite(array).all():
+        raise PredictionInputError("`scale` holds NaN or infinite values")
+    return array
+
+
+def dataset_normalization_factor(amplitudes: np.ndarray) -> float:
+    """Upstream's normalization (spec §4.3): ``sqrt((N/2)^2 / mean_patterns sum_pixels amp^2)``, 1 if all zero."""
+    if amplitudes.size == 0:
+        return 1.0
+    N = amplitudes.shape[-1]
+    energy = np.square(amplitudes.astype(np.float64)).reshape(-1, N * N).sum(axis=1).mean()
+    if not energy > 0:
+        return 1.0
+    return float(math.sqrt((N / 2) ** 2 / energy))
+
+
+def encode_output(result: np.ndarray, output_format: str) -> Any:
+    """Re-encode complex64 results losslessly: ``complex`` as is, or a dict of two float32 arrays."""
+    if output_format == "complex":
+        return result
+    if output_format == "real_imag":
+        return {"real": np.ascontiguousarray(result.real), "imag": np.ascontiguousarray(result.imag)}
+    if output_format == "amp_phase":
+        return {"amplitude": np.abs(result), "phase": np.angle(result).astype(np.float32)}
+    raise PredictionInputError(f"`output_format`={output_format!r} is not one of {OUTPUT_FORMATS}")
+
+
+@dataclass
+class PtychoTorchModel:
+    """A loaded ``ptycho_torch`` model: the network on its device plus everything its bundle carried.
+
+    Attributes:
+        network: the ``diffraction_to_obj`` network (eval mode).
+        params: the params snapshot (``params.dill``), restored into the global config at load (CONFIG-001).
+        manifest: the decoded ``manifest.dill``.
+        metadata: the decoded ``torch_scaling_metadata.pt``, or None.
+        bundle_path: where the bundle was read from.
+    """
+
+    network: PtychoPINNNetwork
+    params: dict[str, Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] | None = None
+    bundle_path: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
+
+    @property
+    def N(self) -> int:
+        return self.network.config.N
+
+    @property
+    def channels(self) -> int:
+        return self.network.config.channels
+
+    @property
+    def gridsize(self) -> int:
+        return int(self.params.get("gridsize", self.network.config.gridsize))
+
+    @property
+    def intensity_scale(self) -> float | None:
+        value = self.params.get("intensity_scale")
+        return None if value is None else float(value)
+
+    def prepare(
+        self,
+        diffraction: Any,
+        scale: Any = None,
+        *,
+        input_kind: str = "amplitude",
+        normalize: str = "none",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Validate and scale inputs: float32 amplitudes ``(B, C, N, N)`` and factors ``(B, 1, 1, 1)``."""
+        amplitudes = prepare_diffraction(diffraction, N=self.N, channels=self.channels, input_kind=input_kind)
+        if normalize not in NORMALIZE_MODES:
+            raise PredictionInputError(f"`normalize`={normalize!r} is not one of {NORMALIZE_MODES}")
+        if normalize == "dataset":
+            if scale is not None:
+                raise PredictionInputError("give either `scale` or normalize='dataset', not both")
+            scale = dataset_normalization_factor(amplitudes)
+        return amplitudes, prepare_scale(scale, amplitudes.shape[0])
+
+    def predict_prepared(
+        self, amplitudes: np.ndarray, factors: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False
+    ) -> np.ndarray:
+        """Run the network over validated inputs in batches of at most ``batch_size``; complex64 numpy out."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise PredictionInputError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+        total = amplitudes.shape[0]
+        out = np.empty((total, self.channels, self.N, self.N), dtype=np.complex64)
+        if total == 0:
+            return out
+        device = self.device
+        starts = range(0, total, int(batch_size))
+        if progress and total > batch_size:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="predict", unit="batch", total=math.ceil(total / batch_size))
+        with torch.inference_mode():
+            for start in starts:
+                stop = min(start + int(batch_size), total)
+                x = torch.from_numpy(amplitudes[start:stop]).to(device, non_blocking=True)
+                f = torch.from_numpy(factors[start:stop]).to(device, non_blocking=True)
+                result = self.network(x, f)
+                out[start:stop] = result.cpu().numpy() if result.device.type != "cpu" else result.numpy()
+        return out
+
+    def predict(
+        self,
+        diffraction: Any,
+        scale: Any = None,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        input_kind: str = "amplitude",
+        normalize: str = "none",
+        output_format: str = "complex",
+        progress: bool = False,
+    ) -> Any:
+        """Reconstruct complex object patches from diffraction patterns.
+
+        Args:
+            diffraction: ``(B, N, N)`` or ``(B, C, N, N)`` float amplitudes (or counts with
+                ``input_kind="intensity"``); numpy, torch or nested lists.
+            scale: per-sample input factor (scalar, ``(B,)``, ``(B, 1, 1, 1)``); default 1.
+            batch_size: most patterns sent to the device at once.
+            input_kind: ``"amplitude"`` or ``"intensity"`` (raw counts, square-rooted here).
+            normalize: ``"none"`` or ``"dataset"`` (upstream's normalization factor over the whole input).
+            output_format: ``"complex"`` (complex64 ``(B, C, N, N)``), ``"real_imag"`` or ``"amp_phase"``
+                (dicts of two float32 arrays).
+            progress: show a progress bar over batches.
+
+        Raises:
+            PredictionInputError: for any bad input, naming the argument and the fix.
+        """
+        if output_format not in OUTPUT_FORMATS:
+            raise PredictionInputError(f"`output_format`={output_format!r} is not one of {OUTPUT_FORMATS}")
+        amplitudes, factors = self.prepare(diffraction, scale, input_kind=input_kind, normalize=normalize)
+        result = self.predict_prepared(amplitudes, factors, batch_size=batch_size, progress=progress)
+        return encode_output(result, output_format)
+
+    def describe(self) -> Mapping[str, Any]:
+        """A short dict of what drives the architecture, for logs and ``inspect``."""
+        c = self.network.config
+        return {
+            "N": c.N,
+            "gridsize": self.gridsize,
+            "C": c.C_model,
+            "n_filters_scale": c.n_filters_scale,
+            "object_big": c.object_big,
+            "probe_big": c.probe_big,
+            "amp_activation": c.amp_activation,
+            "output_mode": c.effective_output_mode,
+            "shared_decoder": c.use_shared_decoder,
+            "batch_norm": c.batch_norm,
+            "intensity_scale": self.intensity_scale,
+            "fixed_input_scale": self.network.uses_fixed_input_scale,
+            "device": str(self.device),
+        }
