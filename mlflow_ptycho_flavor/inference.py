@@ -6,7 +6,8 @@ that turns diffraction amplitudes (or raw counts) into complex object patches.
 
 Input conventions (spec §4):
     * ``diffraction``: float ``(B, N, N)`` (single-channel models) or ``(B, C, N, N)``, amplitudes = sqrt(counts);
-      ``input_kind="intensity"`` takes raw counts and applies the square root here.
+      ``input_kind="intensity"`` takes raw counts (float or integer) and applies the square root here. Integer
+      arrays are refused as amplitudes: they usually mean counts passed without ``input_kind="intensity"``.
     * ``scale``: the per-sample input factor of upstream's ``forward_predict`` - a scalar, ``(B,)``, ``(B, 1)`` or
       ``(B, 1, 1, 1)``; default 1 (inputs already normalized). ``normalize="dataset"`` computes upstream's
       normalization factor ``sqrt((N/2)^2 / mean sum amp^2)`` over the whole input instead, so the result does not
@@ -79,6 +80,8 @@ def prepare_diffraction(
     if input_kind not in INPUT_KINDS:
         raise PredictionInputError(f"`input_kind`={input_kind!r} is not one of {INPUT_KINDS}")
     array = _as_array(diffraction, "diffraction")
+    if array.dtype.kind in "iu" and input_kind == "intensity":
+        array = array.astype(np.float32)  # photon counts are naturally integers
     if array.dtype.kind not in "f":
         hint = (
             "complex input: pass amplitudes |psi| (float), not the complex field"
