@@ -1,0 +1,411 @@
+"""``ptycho-flavor``: the command line of mlflow-ptycho-flavor (also ``python -m mlflow_ptycho_flavor``).
+
+Commands:
+    demo           simulate a scan, train briefly, log + register in MLflow, reload, stitch, write a PNG
+    inspect        describe a bundle or a logged model (manifest, architecture, parameters, hashes)
+    predict        reconstruct an NPZ scan with a bundle or a logged model, optionally stitched, with a PNG
+    log            log an existing wts.h5.zip (e.g. trained by upstream PtychoPINN) into MLflow
+    serve          run ``mlflow models serve`` for a ptycho_torch model with the right flags
+    simulate       write a simulated scan (upstream's NPZ schema)
+    spark-predict  batch inference on Spark (needs the ``spark`` extra)
+
+User mistakes print one line ``error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user mistake reported as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _is_bundle_path(target: str) -> bool:
+    path = Path(target)
+    return path.suffix == ".zip" or path.name.endswith(".h5") or path.is_file()
+
+
+def _load_any(target: str, device: str | None):
+    """A PtychoTorchModel from a bundle path, a model directory or any MLflow model URI."""
+    if _is_bundle_path(target):
+        from .bundle import resolve_bundle_path
+        from .flavor import _load_native
+
+        path = resolve_bundle_path(target)
+        if not path.exists():
+            raise CliError(f"no bundle at {path}")
+        return _load_native(path, device)
+    from .flavor import load_model
+
+    if "://" not in target and ":" not in target.split("/")[0] and not Path(target).exists():
+        raise CliError(f"{target!r} is neither a file, a model directory, nor a models:/ or runs:/ URI")
+    return load_model(target, device=device)
+
+
+def _print_table(rows: Sequence[tuple[str, Any]]) -> None:
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}")
+
+
+def _set_tracking(uri: str | None) -> str:
+    import mlflow
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    return mlflow.get_tracking_uri()
+
+
+def _experiment(name: str, artifact_root: Path | None) -> str:
+    """Create/select an experiment; new ones keep their artifacts under ``artifact_root`` when given."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is None:
+        location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = existing.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .bundle import read_bundle, resolve_bundle_path
+
+    target = args.target
+    model_dir = None
+    if not _is_bundle_path(target):
+        from . import _mlflow_env
+        from .flavor import FLAVOR_NAME
+
+        model_dir = _mlflow_env.download_model(target, None)
+        conf = _mlflow_env.flavor_configuration(model_dir, FLAVOR_NAME)
+        target = os.path.join(model_dir, conf.get("bundle", "wts.h5.zip"))
+    contents = read_bundle(resolve_bundle_path(target))
+    network = contents.build_network("cpu")
+    n_params = sum(p.numel() for p in network.parameters())
+    cfg = contents.network_config
+    report = {
+        "bundle": str(contents.path),
+        "bytes": contents.path.stat().st_size,
+        "manifest_models": contents.manifest["models"],
+        "version": contents.version,
+        "backend": contents.backend,
+        "scaling_metadata": contents.metadata is not None,
+        "N": cfg.N,
+        "gridsize": contents.params["gridsize"],
+        "channels": cfg.channels,
+        "n_filters_scale": cfg.n_filters_scale,
+        "architecture": cfg.architecture,
+        "mode": cfg.mode,
+        "output_mode": cfg.effective_output_mode,
+        "object_big": cfg.object_big,
+        "probe_big": cfg.probe_big,
+        "amp_activation": cfg.amp_activation,
+        "batch_norm": cfg.batch_norm,
+        "shared_decoder": cfg.use_shared_decoder,
+        "cbam_encoder/bottleneck": f"{cfg.cbam_encoder}/{cfg.cbam_bottleneck}",
+        "intensity_scale (params)": contents.intensity_scale,
+        "fixed input scale": network.uses_fixed_input_scale,
+        "state_dict keys": len(contents.state_dict),
+        "parameters": n_params,
+        "hashes verified": (
+            f"{len(contents.hashes_verified)}/{len(contents.manifest.get('sha256') or {})}"
+            if contents.manifest.get("sha256")
+            else "none recorded (upstream bundle)"
+        ),
+    }
+    if model_dir is not None:
+        report["model directory"] = model_dir
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"ptycho_torch bundle {contents.path}")
+        _print_table(list(report.items())[1:])
+    return 0
+
+
+def _predict_dataset(model, dataset, *, batch_size: int, stitch: bool, scale: str):
+    """Group (CONFIG-001: the global holds the bundle's params), predict, optionally stitch."""
+    import numpy as np
+
+    from .grouping import group_patterns
+
+    groups = group_patterns(dataset.diff3d, dataset.xcoords, dataset.ycoords)
+    normalize, factor = "none", None
+    if scale == "dataset":
+        normalize = "dataset"
+    elif scale != "one":
+        try:
+            factor = float(scale)
+        except ValueError as exc:
+            raise CliError(f"--scale must be 'dataset', 'one' or a number, got {scale!r}") from exc
+    patches = model.predict(groups.diffraction, factor, batch_size=batch_size, normalize=normalize, progress=True)
+    stitched = None
+    if stitch:
+        from .stitching import stitch_patches
+
+        stitched = stitch_patches(patches, groups.positions if groups.positions.shape[1] > 1 else groups.positions[:, 0])
+    return groups, np.asarray(patches), stitched
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import load_npz
+
+    dataset = load_npz(args.data)
+    model = _load_any(args.model, args.device)
+    started = time.perf_counter()
+    groups, patches, stitched = _predict_dataset(
+        model, dataset, batch_size=args.batch_size, stitch=not args.patches_only, scale=args.scale
+    )
+    elapsed = time.perf_counter() - started
+    arrays: dict[str, Any] = {
+        "patches": patches,
+        "positions": groups.positions,
+        "indices": groups.indices,
+    }
+    if stitched is not None:
+        arrays.update(object=stitched.obj, coverage=stitched.coverage, origin=np.asarray(stitched.origin))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"predicted {patches.shape[0]} patch groups of shape {patches.shape[1:]} in {elapsed:.2f} s -> {out}")
+    if args.png:
+        if stitched is None:
+            raise CliError("--png needs the stitched object; drop --patches-only")
+        from .plotting import save_reconstruction_figure
+
+        truth = mask = None
+        recon = stitched.obj
+        if dataset.objectGuess is not None:
+            from .stitching import crop_to_object
+
+            recon, mask = crop_to_object(stitched, dataset.objectGuess.shape)
+            truth = dataset.objectGuess
+        save_reconstruction_figure(args.png, recon, truth=truth, mask=mask, title=f"{args.model}")
+        print(f"figure -> {args.png}")
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    import mlflow
+
+    from .flavor import log_model
+
+    bundle = Path(args.bundle)
+    if not bundle.exists():
+        raise CliError(f"no bundle at {bundle}")
+    uri = _set_tracking(args.tracking_uri)
+    if args.experiment:
+        _experiment(args.experiment, None)
+    with mlflow.start_run(run_name=args.run_name) as run:
+        info = log_model(str(bundle), name=args.name, registered_model_name=args.registered_model_name)
+    if args.registered_model_name and args.alias:
+        version = info.registered_model_version
+        mlflow.MlflowClient().set_registered_model_alias(args.registered_model_name, args.alias, version)
+    print(f"logged {bundle} to {uri}")
+    _print_table(
+        [
+            ("run", run.info.run_id),
+            ("model uri", info.model_uri),
+            ("runs uri", f"runs:/{run.info.run_id}/{args.name}"),
+            ("registered", f"models:/{args.registered_model_name}/{info.registered_model_version}"
+             if args.registered_model_name else "no"),
+        ]
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    mlflow_cli = shutil.which("mlflow")
+    command = [mlflow_cli or sys.executable, *([] if mlflow_cli else ["-m", "mlflow"]), "models", "serve",
+               "-m", args.model_uri, "-h", args.host, "-p", str(args.port), "--env-manager", args.env_manager]
+    if args.workers:
+        command += ["-w", str(args.workers)]
+    print("exec:", " ".join(command), flush=True)
+    if args.dry_run:
+        return 0
+    os.execv(command[0], command)
+    return 0  # pragma: no cover
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .data import save_npz, simulate_dataset
+
+    dataset = simulate_dataset(N=args.N, nphotons=args.nphotons, seed=args.seed)
+    save_npz(dataset, args.output)
+    print(f"simulated {dataset.n_patterns} patterns of {dataset.N}x{dataset.N} -> {args.output}")
+    return 0
+
+
+def cmd_spark_predict(args: argparse.Namespace) -> int:
+    try:
+        from .spark import run_batch_inference
+    except ImportError as exc:
+        raise CliError(f"spark-predict needs pyspark: pip install 'mlflow-ptycho-flavor[spark]' ({exc})") from exc
+    stats = run_batch_inference(
+        args.model_uri, args.input, args.output, master=args.master, output_format=args.output_format,
+        batch_size=args.batch_size,
+    )
+    _print_table(list(stats.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(
+        args.out_dir,
+        quick=args.quick,
+        steps=args.steps,
+        seed=args.seed,
+        tracking_uri=args.tracking_uri,
+        registered_model_name=args.registered_model_name,
+    )
+    print()
+    print("mlflow-ptycho-flavor demo")
+    _print_table(list(summary.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptycho-flavor",
+        description="PtychoPINN PyTorch models (wts.h5.zip) as MLflow models: demo, inspect, predict, log, serve.",
+        epilog="Run 'ptycho-flavor <command> --help' for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    demo = sub.add_parser("demo", help="simulate, train, log+register, reload, stitch, write a PNG (~1 min)",
+                          description="The end-to-end demo: simulate a ptychography scan, train a small "
+                          "physics-informed model, save wts.h5.zip, log and register it in MLflow, load it back "
+                          "through mlflow.pyfunc and through the standalone zip, reconstruct and stitch the "
+                          "object, and write a PNG.")
+    demo.add_argument("--out-dir", default="demo_output", help="where the bundle, data and PNG go (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true", help="a few seconds of training instead of about a minute")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's preset)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the simulation and training (default: %(default)s)")
+    demo.add_argument("--tracking-uri", default=None,
+                      help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<out-dir>/mlflow.db)")
+    demo.add_argument("--registered-model-name", default="ptycho-demo", help="registry name (default: %(default)s)")
+    demo.set_defaults(func=cmd_demo)
+
+    inspect = sub.add_parser("inspect", help="describe a wts.h5.zip or a logged model",
+                             description="Print the manifest, backend, version, the params that drive the "
+                             "architecture, the parameter count and whether member hashes verified.")
+    inspect.add_argument("target", help="a wts.h5.zip path, a model directory, or a models:/ / runs:/ URI")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    inspect.set_defaults(func=cmd_inspect)
+
+    predict = sub.add_parser("predict", help="reconstruct an NPZ scan (patches or stitched object)",
+                             description="Reconstruct a scan stored in upstream's NPZ schema (diff3d, xcoords, "
+                             "ycoords, probeGuess) with a bundle or a logged model.")
+    predict.add_argument("model", help="a wts.h5.zip path, a model directory, or a models:/ / runs:/ URI")
+    predict.add_argument("data", help="NPZ with diff3d (amplitudes), xcoords, ycoords")
+    predict.add_argument("-o", "--output", required=True, help="output NPZ (patches, positions, object, coverage)")
+    predict.add_argument("--png", default=None, help="also write a PNG of the stitched object")
+    predict.add_argument("--patches-only", action="store_true", help="skip stitching")
+    predict.add_argument("--scale", default="dataset",
+                         help="input factor: 'dataset' (upstream's normalization over the scan, default), 'one', or a number")
+    predict.add_argument("--batch-size", type=int, default=256, help="patterns per forward pass (default: %(default)s)")
+    predict.add_argument("--device", default=None, help="'cpu', 'cuda:0' or 'auto' (default: auto)")
+    predict.set_defaults(func=cmd_predict)
+
+    log = sub.add_parser("log", help="log an existing wts.h5.zip into MLflow (optionally register)",
+                         description="Log a bundle byte-for-byte as a ptycho_torch MLflow model.")
+    log.add_argument("bundle", help="the wts.h5.zip to log")
+    log.add_argument("--name", default="model", help="model name inside the run (default: %(default)s)")
+    log.add_argument("--registered-model-name", default=None, help="also register under this name")
+    log.add_argument("--alias", default=None, help="set this alias on the new version (needs --registered-model-name)")
+    log.add_argument("--experiment", default=None, help="experiment name (default: MLflow's default)")
+    log.add_argument("--run-name", default=None, help="run name")
+    log.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default)")
+    log.set_defaults(func=cmd_log)
+
+    serve = sub.add_parser("serve", help="serve a model with mlflow models serve",
+                           description="Hand over to 'mlflow models serve' with --env-manager local. POST "
+                           "/invocations with {\"inputs\": [...]} returns {\"predictions\": {\"real\": ..., "
+                           "\"imag\": ...}}; params output_format=amp_phase selects amplitude/phase.")
+    serve.add_argument("model_uri", help="models:/name@alias, runs:/..., or a model directory")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=5000, help="port (default: %(default)s)")
+    serve.add_argument("--workers", type=int, default=None, help="server workers")
+    serve.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"],
+                       help="environment manager (default: %(default)s)")
+    serve.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    serve.set_defaults(func=cmd_serve)
+
+    simulate = sub.add_parser("simulate", help="write a simulated scan as NPZ",
+                              description="Simulate a seeded ptychography scan in upstream's NPZ schema.")
+    simulate.add_argument("output", help="the NPZ to write")
+    simulate.add_argument("--N", type=int, default=64, help="pattern size (default: %(default)s)")
+    simulate.add_argument("--nphotons", type=float, default=1e6, help="mean counts per pattern (default: %(default)s)")
+    simulate.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    simulate.set_defaults(func=cmd_simulate)
+
+    spark = sub.add_parser("spark-predict", help="batch inference on Spark (NPZ/Parquet in, Parquet out)",
+                           description="Run mlflow.pyfunc.spark_udf over an NPZ or Parquet input on a Spark "
+                           "session and write Parquet.")
+    spark.add_argument("model_uri", help="models:/name@alias, runs:/..., or a model directory")
+    spark.add_argument("input", help="NPZ (upstream schema) or Parquet in the documented layout")
+    spark.add_argument("output", help="Parquet output")
+    spark.add_argument("--master", default="local[*]", help="Spark master (default: %(default)s)")
+    spark.add_argument("--output-format", default="real_imag", choices=["real_imag", "amp_phase"])
+    spark.add_argument("--batch-size", type=int, default=None, help="rows per Arrow batch")
+    spark.set_defaults(func=cmd_spark_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ptycho-flavor`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import PtychoFlavorError
+
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # MLflow-free commands still work
+        MlflowException = PtychoFlavorError  # type: ignore[misc,assignment]
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, PtychoFlavorError, MlflowException, FileNotFoundError, IsADirectoryError,
+            PermissionError, ValueError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"error: {message.strip().splitlines()[0] if message.strip() else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""PNG figures a person would rather look at than read: reconstructions beside ground truth, loss curves.
+
+Matplotlib is imported lazily with the non-interactive ``Agg`` backend, so headless servers and CI work.
+Files are written atomically (temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["save_reconstruction_figure"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _masked(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    if mask is None:
+        return values
+    return np.ma.masked_where(~mask, values)
+
+
+def save_reconstruction_figure(
+    path: str | os.PathLike,
+    reconstruction: np.ndarray,
+    *,
+    truth: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    loss_history: Sequence[float] | None = None,
+    title: str | None = None,
+    notes: str | None = None,
+) -> Path:
+    """Write a PNG: amplitude and phase of the reconstruction (and of the ground truth), plus the loss curve.
+
+    Args:
+        path: the PNG to write.
+        reconstruction: complex 2-D object (stitched) in the same frame as ``truth``.
+        truth: complex 2-D ground-truth object, or None.
+        mask: bool 2-D region the reconstruction covers (outside is blanked).
+        loss_history: training loss per step, or None.
+        title: figure title.
+        notes: a line of text (error figures) under the title.
+
+    Returns:
+        The path written.
+    """
+    plt = _pyplot()
+    rows = [("reconstruction", reconstruction)]
+    if truth is not None:
+        rows.insert(0, ("ground truth", truth))
+    columns = 3 if loss_history is not None else 2
+    figure, axes = plt.subplots(len(rows), columns, figsize=(4.2 * columns, 3.8 * len(rows)), squeeze=False)
+    amplitude_limits = None
+    if truth is not None:
+        covered = np.abs(truth[mask]) if mask is not None else np.abs(truth)
+        amplitude_limits = (float(covered.min()), float(covered.max()))
+    for row, (label, image) in enumerate(rows):
+        amp_axis, phase_axis = axes[row][0], axes[row][1]
+        shown = _masked(np.abs(image), mask)
+        im = amp_axis.imshow(shown, cmap="gray", vmin=amplitude_limits[0] if amplitude_limits else None,
+                             vmax=amplitude_limits[1] if amplitude_limits else None)
+        amp_axis.set_title(f"{label}: amplitude")
+        figure.colorbar(im, ax=amp_axis, fraction=0.046, pad=0.04)
+        im = phase_axis.imshow(_masked(np.angle(image), mask), cmap="twilight", vmin=-np.pi, vmax=np.pi)
+        phase_axis.set_title(f"{label}: phase (rad)")
+        figure.colorbar(im, ax=phase_axis, fraction=0.046, pad=0.04)
+        for axis in (amp_axis, phase_axis):
+            axis.set_xticks([])
+            axis.set_yticks([])
+    if loss_history is not None:
+        loss_axis = axes[0][2]
+        steps = np.arange(1, len(loss_history) + 1)
+        loss_axis.plot(steps, np.asarray(loss_history, dtype=float), lw=1.2)
+        loss_axis.set_xlabel("step")
+        loss_axis.set_ylabel("training loss")
+        loss_axis.set_title("training loss")
+        loss_axis.grid(alpha=0.3)
+        for extra in axes[1:, 2] if len(rows) > 1 else []:
+            extra.axis("off")
+    if title:
+        figure.suptitle(title + (f"\n{notes}" if notes else ""), fontsize=11)
+    figure.tight_layout()
+    target = Path(os.fspath(path))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.png", dir=target.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp_name, dpi=110)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+    return target
