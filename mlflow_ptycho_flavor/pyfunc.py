@@ -9,9 +9,15 @@ Accepted inputs:
       (``N*N`` or ``C*N*N`` floats), optional ``scale``, optional ``x`` / ``y`` positions (the Spark layout).
 
 Params (declared in the signature's ParamSchema, so they reach the model in Python and in serving):
-    ``output_format``: ``auto`` (``complex`` in Python, ``real_imag`` when serving) | ``complex`` |
-    ``real_imag`` | ``amp_phase``; ``batch_size`` (0 = default); ``input_kind``: ``amplitude`` | ``intensity``;
-    ``normalize``: ``none`` | ``dataset``; ``stitch`` (bool) and ``crop_size`` (0 = N/2).
+    ``output_format``: ``auto`` (``complex`` in Python, ``real_imag`` when serving or inside a Spark task) |
+    ``complex`` | ``real_imag`` | ``amp_phase``; ``batch_size`` (0 = default); ``input_kind``: ``amplitude`` |
+    ``intensity``; ``normalize``: ``none`` | ``dataset``; ``stitch`` (bool) and ``crop_size`` (0 = N/2).
+
+Spark (``mlflow.pyfunc.spark_udf``, see :mod:`mlflow_ptycho_flavor.spark`): Arrow cannot carry complex numbers,
+so inside a Spark task (``pyspark.TaskContext.get()`` is set) ``auto`` resolves to ``real_imag`` and an explicit
+``complex`` is refused, as when serving. DataFrame input returns a DataFrame with one column per output
+component (``real``/``imag`` or ``amplitude``/``phase``), each cell one flat float32 ``C*N*N`` array: exactly
+what ``result_type="struct<real:array<float>,imag:array<float>>"`` expects.
 
 Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which the scoring server answers with HTTP 400
 and the message.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -63,6 +70,17 @@ def param_schema():
 
 def _in_serving() -> bool:
     return os.environ.get(SERVING_ENV, "").strip().lower() in ("1", "true")
+
+
+def _in_spark_task() -> bool:
+    """True inside a Spark task (a ``spark_udf`` Python worker); never imports pyspark itself."""
+    if "pyspark" not in sys.modules:
+        return False
+    try:
+        from pyspark import TaskContext
+    except ImportError:  # pragma: no cover - a partial pyspark
+        return False
+    return TaskContext.get() is not None
 
 
 def _invalid(message: str):
@@ -112,13 +130,18 @@ class PtychoTorchPyfuncModel:
                 merged[key] = value
         fmt = merged["output_format"]
         if fmt == "auto":
-            fmt = _SERVING_FORMAT if _in_serving() else "complex"
+            fmt = _SERVING_FORMAT if _in_serving() or _in_spark_task() else "complex"
         elif fmt not in OUTPUT_FORMATS:
             raise _invalid(f"`output_format`={fmt!r} is not one of {('auto',) + OUTPUT_FORMATS}")
         elif fmt == "complex" and _in_serving():
             raise _invalid(
                 "`output_format`='complex' cannot be sent as JSON; ask for 'real_imag' or 'amp_phase' "
                 "(the serving default is 'real_imag')"
+            )
+        elif fmt == "complex" and _in_spark_task():
+            raise _invalid(
+                "`output_format`='complex' cannot cross Arrow into Spark; ask for 'real_imag' (lossless) or "
+                "'amp_phase' with a matching result_type (see mlflow_ptycho_flavor.spark.RESULT_TYPES)"
             )
         merged["output_format"] = fmt
         batch_size = merged["batch_size"]
