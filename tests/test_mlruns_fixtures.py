@@ -1,0 +1,171 @@
+"""A stored MLflow store keeps loading: ``mlruns_fixtures/`` (written by ``scripts/make_mlruns_fixtures.py``).
+
+The committed store holds no absolute path: every artifact location in its sqlite database starts with a placeholder
+(``store.json``). Each test works on a copy in ``tmp_path`` whose placeholder is replaced by the copy's own URI, then
+loads ``models:/ptycho-fixture/1``, ``models:/ptycho-fixture@champion`` and ``runs:/<run_id>/model`` through
+``mlflow.pyfunc`` and ``mlflow.ptycho_torch``, offline, and compares with ``expected_io.npz`` bit for bit. The
+repository's ``mlruns_fixtures/`` is never written (checked by hashes and mtimes around the whole module).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_ptycho_flavor import PtychoTorchModel, load_torch_bundle
+
+from conftest import REPO_ROOT
+
+FIXTURES = REPO_ROOT / "mlruns_fixtures"
+STORE = json.loads((FIXTURES / "store.json").read_text())
+PLACEHOLDER = STORE["root_placeholder"]
+# Where MLflow 3.17 keeps absolute artifact locations; all four must have been rewritten.
+LOCATION_COLUMNS = {
+    "experiments.artifact_location",
+    "runs.artifact_uri",
+    "logged_models.artifact_location",
+    "model_versions.storage_location",
+}
+URIS = {
+    "version": f"models:/{STORE['registered_model']}/{STORE['version']}",
+    "alias": f"models:/{STORE['registered_model']}@{STORE['alias']}",
+    "run": f"runs:/{STORE['run_id']}/{STORE['artifact_name']}",
+}
+
+
+def _text_columns(con: sqlite3.Connection):
+    for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+        for _, column, decl, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+            decl = (decl or "").upper()
+            if not decl or any(t in decl for t in ("CHAR", "TEXT", "CLOB", "STRING")):
+                yield table, column
+
+
+def relocate_store(source: Path, destination: Path) -> tuple[str, dict[str, int]]:
+    """Copy the store to ``destination`` and point its artifact locations there; returns (tracking URI, changes).
+
+    Only the copy's database is modified (``placeholder`` -> ``destination.as_uri()`` in every text value).
+    """
+    shutil.copytree(source, destination)
+    new_root = destination.resolve().as_uri()
+    changed: dict[str, int] = {}
+    con = sqlite3.connect(destination / STORE["tracking_db"])
+    try:
+        with con:
+            for table, column in list(_text_columns(con)):
+                cur = con.execute(
+                    f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
+                    f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0',
+                    (PLACEHOLDER, new_root, PLACEHOLDER),
+                )
+                if cur.rowcount:
+                    changed[f"{table}.{column}"] = cur.rowcount
+    finally:
+        con.close()
+    return f"sqlite:///{destination / STORE['tracking_db']}", changed
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int, int]]:
+    return {
+        p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns, p.stat().st_size)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def repo_fixtures_untouched():
+    """The repository copy is read only: same files, bytes and mtimes after every test of this module."""
+    before = _snapshot(FIXTURES)
+    yield before
+    assert _snapshot(FIXTURES) == before, "a test wrote into mlruns_fixtures/"
+
+
+@pytest.fixture
+def relocated(tmp_path):
+    """The store copied to ``tmp_path/store`` and relocated; MLflow points at the copy for this test."""
+    uri, changed = relocate_store(FIXTURES, tmp_path / "store")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return tmp_path / "store", changed  # the conftest fixture restores the URIs afterwards
+
+
+@pytest.fixture(scope="module")
+def expected_io():
+    with np.load(FIXTURES / "expected_io.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_committed_store_is_small_relocatable_and_complete():
+    files = {p.relative_to(FIXTURES).as_posix(): p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file()}
+    assert {"mlflow.db", "expected_io.npz", "store.json", "README.md", STORE["bundle"]} <= set(files)
+    assert sum(files.values()) < 3 * 1024 * 1024
+    assert files[STORE["bundle"]] < 2_000_000
+    assert hashlib.sha256((FIXTURES / STORE["bundle"]).read_bytes()).hexdigest() == STORE["bundle_sha256"]
+    assert set(STORE["rewritten_columns"]) == LOCATION_COLUMNS
+    con = sqlite3.connect(f"file:{FIXTURES / 'mlflow.db'}?mode=ro", uri=True)  # read only
+    try:
+        for qualified in LOCATION_COLUMNS:
+            table, column = qualified.split(".")
+            values = [v for (v,) in con.execute(f'SELECT "{column}" FROM "{table}"') if v is not None]
+            assert values and all(v.startswith(PLACEHOLDER) for v in values), (qualified, values)
+    finally:
+        con.close()
+    # no machine-specific path anywhere in the committed files (only the placeholder)
+    for name in files:
+        data = (FIXTURES / name).read_bytes()
+        assert b"file:///tmp" not in data and b"file:///work" not in data and b"file:///home" not in data, name
+
+
+def test_relocation_rewrites_every_artifact_location(relocated):
+    root, changed = relocated
+    assert changed == STORE["rewritten_columns"]
+    client = MlflowClient()
+    root_uri = root.resolve().as_uri()
+    assert client.get_experiment_by_name(STORE["experiment_name"]).artifact_location.startswith(root_uri)
+    assert client.get_run(STORE["run_id"]).info.artifact_uri.startswith(root_uri)
+    assert client.get_logged_model(STORE["model_id"]).artifact_location.startswith(root_uri)
+    assert client.get_model_version_download_uri(STORE["registered_model"], "1").startswith(root_uri)
+    assert int(client.get_model_version_by_alias(STORE["registered_model"], STORE["alias"]).version) == 1
+
+
+@pytest.mark.parametrize("uri_kind", list(URIS))
+def test_stored_model_loads_through_pyfunc_and_reproduces_expected_output(uri_kind, relocated, expected_io):
+    model = mlflow.pyfunc.load_model(URIS[uri_kind], model_config={"device": "cpu"})
+    assert model.metadata.run_id == STORE["run_id"]
+    out = model.predict({"diffraction": expected_io["x"], "scale": expected_io["scale"]})
+    assert out.dtype == np.complex64
+    np.testing.assert_array_equal(out, expected_io["output"])
+
+
+@pytest.mark.parametrize("uri_kind", list(URIS))
+def test_stored_model_loads_through_ptycho_torch_and_reproduces_expected_output(uri_kind, relocated, expected_io):
+    native = mlflow.ptycho_torch.load_model(URIS[uri_kind], device="cpu")
+    assert isinstance(native, PtychoTorchModel)
+    assert (native.N, native.gridsize, native.network.config.n_filters_scale) == (64, 1, 1)
+    np.testing.assert_array_equal(native.predict(expected_io["x"], expected_io["scale"]), expected_io["output"])
+
+
+def test_stored_bundle_loads_standalone(expected_io, tmp_path):
+    """The bundle file inside the stored artifacts needs no MLflow at all (read in place, never written)."""
+    import torch
+
+    network, params = load_torch_bundle(FIXTURES / STORE["bundle"], device="cpu")
+    assert params["N"] == 64 and params["gridsize"] == 1
+    factors = torch.from_numpy(expected_io["scale"].reshape(-1, 1, 1, 1))
+    with torch.inference_mode():
+        out = network(torch.from_numpy(expected_io["x"]), factors).numpy()
+    np.testing.assert_array_equal(out, expected_io["output"])
+
+
+def test_repository_store_was_not_written(repo_fixtures_untouched):
+    """Runs last in this module: the checks above left ``mlruns_fixtures/`` as committed."""
+    assert _snapshot(FIXTURES) == repo_fixtures_untouched
