@@ -64,6 +64,9 @@ def param_schema():
             ParamSpec("normalize", "string", PARAM_DEFAULTS["normalize"]),
             ParamSpec("stitch", "boolean", PARAM_DEFAULTS["stitch"]),
             ParamSpec("crop_size", "long", PARAM_DEFAULTS["crop_size"]),
+            # Declared only so that a per-call device reaches the model and is refused with a clear message
+            # (MLflow silently drops undeclared params); the device is fixed at load time.
+            ParamSpec("device", "string", ""),
         ]
     )
 
@@ -116,11 +119,16 @@ class PtychoTorchPyfuncModel:
     def unwrap_python_model(self):
         return self.model.network
 
+    @property
+    def python_model(self):
+        """What ``PyFuncModel.unwrap_python_model()`` returns: the network."""
+        return self.model.network
+
     # ------------------------------------------------------------------------------------------------------------
     def _parse_params(self, params: dict[str, Any] | None) -> dict[str, Any]:
         merged = dict(PARAM_DEFAULTS)
         for key, value in (params or {}).items():
-            if key == "device":
+            if key == "device" and value not in (None, ""):
                 raise _invalid(
                     "`device` cannot be chosen per call: the model is placed at load time. Use "
                     "mlflow.pyfunc.load_model(uri, model_config={'device': 'cuda:0'}) or set "

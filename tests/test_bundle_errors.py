@@ -427,7 +427,7 @@ def test_legacy_head_shapes_without_override(upstream_dir, tmp_path, refuses, re
         sd[f"{P}{head}.conv1.weight"] = torch.zeros(1, 56, 3, 3)
         sd[f"{P}{head}.conv_up_block.conv1.weight"] = torch.zeros(64, 8, 3, 3)
     path = _with_state_dict(rewrite_bundle, src, tmp_path / "wts.h5.zip", sd)
-    refuses(path, ArchitectureEraError, r"56 input channels: the legacy head of upstream's E0-E2 eras")
+    refuses(path, ArchitectureEraError, r"has shape \(1, 56, 3, 3\): the legacy head of upstream's E0-E2 eras")
 
 
 def test_legacy_head_shapes_at_s1_gridsize2(perturbed_network, tmp_path, refuses, rewrite_bundle):

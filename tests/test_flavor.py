@@ -36,7 +36,7 @@ from conftest import REPO_ROOT, UPSTREAM_DIR
 N = 64
 BATCH = 2  # the CPU forward dominates the runtime: keep batches small
 CHANNELS = {1: 1, 2: 4}  # gridsize -> C (object_big)
-PARAM_NAMES = ["output_format", "batch_size", "input_kind", "normalize", "stitch", "crop_size"]
+PARAM_NAMES = ["output_format", "batch_size", "input_kind", "normalize", "stitch", "crop_size", "device"]
 UPSTREAM_BUNDLE = UPSTREAM_DIR / "n64_g1_bn_bcbam_trainscale"  # the smaller of the two upstream fixtures
 
 
@@ -386,6 +386,7 @@ def test_mlmodel_records_flavor_pyfunc_and_signature_field_by_field(gridsize, mo
         "normalize": "none",
         "stitch": False,
         "crop_size": 0,
+        "device": "",
     }
     outputs = signature.outputs.to_dict()
     assert [o["name"] for o in outputs] == ["real", "imag"]
