@@ -62,9 +62,12 @@ def save_reconstruction_figure(
     columns = 3 if loss_history is not None else 2
     figure, axes = plt.subplots(len(rows), columns, figsize=(4.2 * columns, 3.8 * len(rows)), squeeze=False)
     amplitude_limits = None
+    phase_limits = (-np.pi, np.pi)
     if truth is not None:
-        covered = np.abs(truth[mask]) if mask is not None else np.abs(truth)
-        amplitude_limits = (float(covered.min()), float(covered.max()))
+        covered = truth[mask] if mask is not None else truth.ravel()
+        amplitude_limits = (float(np.abs(covered).min()), float(np.abs(covered).max()))
+        bound = float(np.abs(np.angle(covered)).max())
+        phase_limits = (-bound, bound) if bound > 0 else phase_limits
     for row, (label, image) in enumerate(rows):
         amp_axis, phase_axis = axes[row][0], axes[row][1]
         shown = _masked(np.abs(image), mask)
@@ -72,7 +75,8 @@ def save_reconstruction_figure(
                              vmax=amplitude_limits[1] if amplitude_limits else None)
         amp_axis.set_title(f"{label}: amplitude")
         figure.colorbar(im, ax=amp_axis, fraction=0.046, pad=0.04)
-        im = phase_axis.imshow(_masked(np.angle(image), mask), cmap="twilight", vmin=-np.pi, vmax=np.pi)
+        im = phase_axis.imshow(_masked(np.angle(image), mask), cmap="RdBu_r", vmin=phase_limits[0],
+                               vmax=phase_limits[1])
         phase_axis.set_title(f"{label}: phase (rad)")
         figure.colorbar(im, ax=phase_axis, fraction=0.046, pad=0.04)
         for axis in (amp_axis, phase_axis):
