@@ -6,25 +6,31 @@ Layout written (spec §1.3, §7): ``manifest.dill``, ``diffraction_to_obj/model.
 metadata-aware loader rebuilds the network from). The manifest adds ``backend`` and a sha256 per member, which
 upstream ignores.
 
-The reader never extracts to disk: it reads named members into memory with size caps, refuses path tricks,
-symlinks, duplicate names and zip bombs, decodes ``.dill`` members with a restricted unpickler and ``.pth`` /
-``.pt`` members with ``torch.load(weights_only=True)``, verifies hashes when present, restores the params
-snapshot into the global config (CONFIG-001) before building the network, and loads the weights strictly.
-Nothing here imports MLflow.
+The reader never extracts to disk and never writes anything: it opens regular files only, reads named members
+into memory with size caps, refuses path tricks, symlinks, duplicate names, encrypted members and zip bombs,
+decodes ``.dill`` members with a restricted unpickler (:mod:`.safe_pickle`) and ``.pth`` / ``.pt`` members with
+``torch.load(weights_only=True)`` after checking that their pickle names only the globals a state_dict needs,
+verifies hashes when present, checks the weights against the configured network on the ``meta`` device (no
+memory allocated) before anything real is built, restores the params snapshot into the global config
+(CONFIG-001), and loads the weights strictly. Every failure is a :class:`~.errors.BundleError` subclass; anything
+unexpected raised while decoding untrusted bytes is wrapped, never leaked. Nothing here imports MLflow.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import contextlib
 import dataclasses
 import hashlib
 import io
 import logging
 import math
 import os
+import pickletools
+import reprlib
 import stat
 import tempfile
 import zipfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ import torch
 from . import params as params_module
 from .errors import (
     ArchitectureEraError,
+    BundleError,
     ConfigMismatchError,
     CorruptBundleError,
     NotABundleError,
@@ -52,7 +59,7 @@ from .metadata import (
     validate_metadata,
 )
 from .network import NetworkConfig, PtychoPINNNetwork
-from .safe_pickle import safe_loads
+from .safe_pickle import check_plain_data, safe_loads, unsafe_loading_allowed
 
 __all__ = [
     "BUNDLE_FILE_NAME",
@@ -142,10 +149,19 @@ class BundleContents:
         return float(value) if value is not None else None
 
     def build_network(self, device: str | torch.device | None = None) -> PtychoPINNNetwork:
-        """Build the network from :attr:`network_config`, strict-load the weights, eval mode, on ``device``."""
-        network = PtychoPINNNetwork(self.network_config)
+        """Build the network from :attr:`network_config`, strict-load the weights, eval mode, on ``device``.
+
+        Raises:
+            ValueError: ``device`` is not valid or not available.
+            ConfigMismatchError: the configuration cannot be built.
+            StateDictMismatchError: the weights do not fit it.
+        """
+        target = resolve_device(device)
+        _check_fits(self.network_config, self.state_dict, _stored_bytes(self.state_dict))
+        with _config_errors("the bundle's network configuration"):
+            network = PtychoPINNNetwork(self.network_config)
         _strict_load(network, self.state_dict)
-        return network.to(resolve_device(device)).eval()
+        return network.to(target).eval()
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -203,23 +219,50 @@ class _ArchiveReader:
         self.path = path
         self.limits = limits
         self._total = 0
+        self._file = self._open_regular_file(path)
         try:
-            self._zip = zipfile.ZipFile(path, "r")
+            head = self._file.read(4)
+            self._file.seek(0)
+            self._zip = zipfile.ZipFile(self._file, "r")
+        except zipfile.BadZipFile as exc:
+            self._file.close()
+            hint = (
+                "it starts like one, so it is probably truncated or damaged - re-download or re-copy it"
+                if head == b"PK\x03\x04"
+                else "a PtychoPINN bundle is a wts.h5.zip written by save_torch_bundle or upstream's model manager - "
+                "check the path"
+            )
+            raise NotABundleError(f"{path} is not a zip archive ({exc}); {hint}") from exc
+        except Exception as exc:  # noqa: BLE001 - zipfile parsing untrusted bytes: anything is "damaged"
+            self._file.close()
+            raise CorruptBundleError(
+                f"{path} cannot be read as a zip archive: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            self._infos = self._index()
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _open_regular_file(path: Path) -> io.BufferedReader:
+        # O_NONBLOCK: opening a FIFO must not hang; fstat on the open descriptor: no check/use race.
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         except FileNotFoundError as exc:
             raise NotABundleError(f"no bundle at {path}: the file does not exist") from exc
         except IsADirectoryError as exc:
             raise NotABundleError(f"{path} is a directory, not a wts.h5.zip archive") from exc
-        except zipfile.BadZipFile as exc:
-            raise NotABundleError(
-                f"{path} is not a zip archive ({exc}); a PtychoPINN bundle is a wts.h5.zip written by "
-                "save_torch_bundle or upstream's model manager - check the path, or re-download a truncated file"
-            ) from exc
-        except (OSError, ValueError, EOFError) as exc:
-            raise CorruptBundleError(f"{path} cannot be read as a zip archive: {exc}") from exc
+        except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+            raise NotABundleError(f"{path!r} cannot be opened: {exc}") from exc
         try:
-            self._infos = self._index()
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (device, FIFO or socket)"
+                raise NotABundleError(f"{path} is {kind}, not a wts.h5.zip archive")
+            return os.fdopen(fd, "rb")
         except BaseException:
-            self._zip.close()
+            os.close(fd)
             raise
 
     def _index(self) -> dict[str, zipfile.ZipInfo]:
@@ -277,16 +320,22 @@ class _ArchiveReader:
                     f"{limits.max_compression_ratio:.0f}:1 (a zip bomb?); raise BundleLimits.max_compression_ratio "
                     "if the file is trusted"
                 )
+        if info.flag_bits & 0x1:
+            raise UnsupportedBundleError(
+                f"member {name!r} of {self.path} is encrypted; bundles are never encrypted, so it is not read"
+            )
         try:
             # zipfile stops at the declared size and checks the CRC, so memory is bounded by the caps above.
             with self._zip.open(info) as handle:
                 data = handle.read(info.file_size + 1)
         except zipfile.BadZipFile as exc:
             raise CorruptBundleError(f"member {name!r} of {self.path} is damaged: {exc}") from exc
-        except (OSError, EOFError, ValueError, zlib.error) as exc:
-            raise CorruptBundleError(f"member {name!r} of {self.path} cannot be decompressed: {exc}") from exc
         except NotImplementedError as exc:
             raise UnsupportedBundleError(f"member {name!r} uses an unsupported zip feature: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - zlib/bz2/lzma/struct errors on untrusted bytes: damaged
+            raise CorruptBundleError(
+                f"member {name!r} of {self.path} cannot be decompressed: {type(exc).__name__}: {exc}"
+            ) from exc
         if len(data) != info.file_size:
             raise CorruptBundleError(
                 f"member {name!r} of {self.path} decompressed to {len(data)} bytes, header says {info.file_size}"
@@ -295,7 +344,10 @@ class _ArchiveReader:
         return data
 
     def close(self) -> None:
-        self._zip.close()
+        try:
+            self._zip.close()
+        finally:
+            self._file.close()
 
 
 def _decode_manifest(reader: _ArchiveReader, allow_unsafe: bool | None) -> dict[str, Any]:
@@ -315,28 +367,35 @@ def _decode_manifest(reader: _ArchiveReader, allow_unsafe: bool | None) -> dict[
         )
     version = manifest.get("version")
     models = manifest.get("models")
-    if version == "1.0" or any(n.endswith("model.keras") for n in reader.names):
+    if (isinstance(version, str) and version == "1.0") or any(n.endswith("model.keras") for n in reader.names):
         raise TensorFlowBundleError(
             f"{reader.path} is a TensorFlow PtychoPINN archive (manifest version {version!r}, model.keras "
             "members): this PyTorch loader cannot rebuild Keras models; load it with upstream's TensorFlow "
             "loader (ptycho.model_manager.ModelManager.load_multiple_models), or re-train with the PyTorch backend"
         )
     if not isinstance(version, str):
-        raise CorruptBundleError(f"manifest.dill['version'] must be a str, got {version!r}")
+        raise CorruptBundleError(f"manifest.dill['version'] must be a str, got {_short(version)}")
     if version != params_module.PYTORCH_BUNDLE_VERSION:
         raise UnsupportedBundleError(
-            f"manifest version {version!r} is not supported; this loader reads "
+            f"manifest version {_short(version)} is not supported; this loader reads "
             f"{params_module.PYTORCH_BUNDLE_VERSION!r} bundles"
         )
     if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
-        raise CorruptBundleError(f"manifest.dill['models'] must be a non-empty list of names, got {models!r}")
+        raise CorruptBundleError(
+            f"manifest.dill['models'] must be a non-empty list of names, got {_short(models)}"
+        )
+    if len(set(models)) != len(models) or len(models) > reader.limits.max_members:
+        raise CorruptBundleError(
+            f"manifest.dill['models'] must list distinct model names (at most {reader.limits.max_members}), got "
+            f"{_short(models)}"
+        )
     if INFERENCE_MODEL not in models:
         raise CorruptBundleError(
-            f"manifest lists models {models} but not {INFERENCE_MODEL!r}, the network inference needs"
+            f"manifest lists models {_short(models)} but not {INFERENCE_MODEL!r}, the network inference needs"
         )
     backend = manifest.get("backend", BACKEND)
-    if backend != BACKEND:
-        raise UnsupportedBundleError(f"manifest backend {backend!r} is not supported; expected {BACKEND!r}")
+    if not isinstance(backend, str) or backend != BACKEND:
+        raise UnsupportedBundleError(f"manifest backend {_short(backend)} is not supported; expected {BACKEND!r}")
     hashes = manifest.get("sha256")
     if hashes is not None and (
         not isinstance(hashes, dict)
@@ -359,7 +418,125 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
     verified.append(name)
 
 
-def _torch_load(data: bytes, member: str) -> Any:
+_REPR = reprlib.Repr()
+_REPR.maxstring = 160
+_REPR.maxother = 160
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    """A bounded ``repr`` for error messages (values from a hostile file can be huge or deeply nested)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not replace the real error
+        return f"<{type(value).__name__}>"
+
+
+@contextlib.contextmanager
+def _config_errors(source: str):
+    """Turn the errors plain-data validation and network construction raise on bad values into typed errors."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, ZeroDivisionError, RuntimeError,
+            MemoryError, RecursionError) as exc:
+        raise ConfigMismatchError(
+            f"{source}: invalid configuration value ({type(exc).__name__}: {str(exc)[:300]})"
+        ) from exc
+
+
+#: Globals a torch-saved state_dict or metadata dict needs; checked in the member's pickle before torch.load runs.
+#: torch's own weights_only list is wider and includes allocation bombs (``bytearray(10**10)``, nested
+#: ``_codecs.encode(..., 'hex')``, ``torch.Tensor(10**6, 10**6)``) and whatever other code in the process added
+#: with ``torch.serialization.add_safe_globals``.
+_TORCH_ALLOWED_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "builtins.set",
+        "builtins.complex",
+        "torch.Size",
+        "torch.device",
+    }
+)
+
+
+def _torch_global_allowed(module: str, name: str) -> bool:
+    if f"{module}.{name}" in _TORCH_ALLOWED_GLOBALS:
+        return True
+    if module != "torch":
+        return False
+    value = vars(torch).get(name)  # not getattr: torch's module __getattr__ imports submodules lazily
+    if isinstance(value, torch.dtype):
+        return True
+    # FloatStorage, LongStorage, ...: markers torch maps to a dtype, never called with data
+    return name.endswith("Storage") and name not in ("UntypedStorage", "TypedStorage") and isinstance(value, type)
+
+
+def _scan_torch_pickle(data: bytes, member: str) -> None:
+    """Refuse a torch zip file whose ``data.pkl`` names a global outside :data:`_TORCH_ALLOWED_GLOBALS`.
+
+    The scan reads the record through torch's own zip reader (the bytes torch.load would unpickle) and only
+    disassembles the pickle; nothing is called.
+    """
+    if not data.startswith(b"PK\x03\x04"):
+        raise CorruptBundleError(
+            f"{member} is not a valid torch file: not in torch's zip serialization format (what torch.save has "
+            "written since torch 1.6); it is damaged, or a legacy file this loader does not read"
+        )
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        pickled = reader.get_record("data.pkl")
+    except Exception as exc:  # noqa: BLE001 - torch's zip reader on untrusted bytes
+        raise CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    try:
+        for opcode, arg, _ in pickletools.genops(pickled):
+            if opcode.name == "GLOBAL":
+                module, _, name = str(arg).partition(" ")
+                # torch.save writes protocol 2 with Python-2 names (__builtin__.set); torch maps them back like this
+                if (module, name) in _compat_pickle.NAME_MAPPING:
+                    module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+                elif module in _compat_pickle.IMPORT_MAPPING:
+                    module = _compat_pickle.IMPORT_MAPPING[module]
+                if not _torch_global_allowed(module, name):
+                    _refuse_torch_global(member, f"{module}.{name}")
+            elif opcode.name in ("STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"):
+                raise UnsafeBundleError(f"{member} uses the pickle opcode {opcode.name}, which torch.save never writes")
+    except UnsafeBundleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed pickle stream
+        raise CorruptBundleError(f"{member} holds a malformed pickle: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _torch_default_allows(full_name: str) -> bool:
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return full_name in _get_allowed_globals()
+    except Exception:  # noqa: BLE001 - private torch API; only used to word the message
+        return False
+
+
+def _refuse_torch_global(member: str, full_name: str) -> None:
+    if _torch_default_allows(full_name):
+        raise UnsafeBundleError(
+            f"{member} references the global {full_name}, which torch.load(weights_only=True) would call but a "
+            "state_dict or metadata dict never needs (a few bytes can make it allocate gigabytes); refused before "
+            "loading"
+        )
+    raise UnsafeBundleError(
+        f"{member} needs arbitrary Python objects to unpickle (the global {full_name}) and was refused by "
+        "torch.load(weights_only=True) rules, checked before loading: nothing was imported or called"
+    )
+
+
+def _torch_load(data: bytes, member: str, *, scan: bool = True) -> Any:
+    if scan:
+        _scan_torch_pickle(data, member)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ValueError, ...
@@ -371,6 +548,35 @@ def _torch_load(data: bytes, member: str) -> Any:
                 f"torch.load(weights_only=True): {first_line}"
             ) from exc
         raise CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {text[:300]}") from exc
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    return tensor.numel() * tensor.element_size() if isinstance(tensor, torch.Tensor) else 0
+
+
+def _stored_bytes(state_dict: Mapping[str, Any]) -> int:
+    """Bytes of distinct storages behind the tensors (an expanded view counts once, at its real size)."""
+    seen: dict[int, int] = {}
+    for tensor in state_dict.values():
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def _check_state_dict_values(state_dict: Any, member: str) -> None:
+    if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
+        raise CorruptBundleError(f"{member} must hold a state_dict (a dict of tensors)")
+    if "_sentinel" in state_dict:
+        raise CorruptBundleError(f"{member} is a weightless sentinel; the bundle has no trained network")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # reported with the key/shape diff (StateDictMismatchError)
+        if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
+            raise CorruptBundleError(
+                f"{member}: {_short(key)} is a {value.layout} tensor on {value.device.type}; weights are dense CPU "
+                "tensors"
+            )
 
 
 def _detect_era(state_dict: Mapping[str, torch.Tensor], cfg: NetworkConfig) -> None:
@@ -394,19 +600,21 @@ def _detect_era(state_dict: Mapping[str, torch.Tensor], cfg: NetworkConfig) -> N
         return
     key = "model.autoencoder.decoder_amp.amp.conv1.weight"
     weight = state_dict.get(key)
-    if weight is not None and weight.dim() == 4:
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4:
         width = 32 * cfg.n_filters_scale
         legacy_in = width - max(1, int(math.floor(width * 0.125)))
-        if weight.shape[1] == legacy_in and weight.shape[1] != width - cfg.channels:
+        current = (cfg.channels, width - cfg.channels)
+        # Legacy heads take 32s - floor(4s) input channels and give one amplitude channel; at n_filters_scale=1
+        # and gridsize 2 the input count coincides with the current head's, so compare the output count too.
+        if weight.shape[0] == 1 and weight.shape[1] == legacy_in and tuple(weight.shape[:2]) != current:
             raise ArchitectureEraError(
-                f"{key} has {weight.shape[1]} input channels: the legacy head of upstream's E0-E2 eras "
-                f"(border path of {width - legacy_in} channels, unmasked border), whose forward differs from the "
-                f"current (E3) network expecting {width - cfg.channels}; re-export the model with current PtychoPINN"
+                f"{key} has shape {tuple(weight.shape)}: the legacy head of upstream's E0-E2 eras (border path "
+                f"of {width - legacy_in} channels, unmasked border), whose forward differs from the current (E3) "
+                f"network expecting (out, in) channels {current}; re-export the model with current PtychoPINN"
             )
 
 
-def _strict_load(network: PtychoPINNNetwork, state_dict: Mapping[str, Any]) -> None:
-    expected = network.state_dict()
+def _state_dict_problems(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, Any]) -> list[str]:
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     problems = []
@@ -414,7 +622,8 @@ def _strict_load(network: PtychoPINNNetwork, state_dict: Mapping[str, Any]) -> N
         problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
     if unexpected:
         problems.append(
-            f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+            f"unexpected keys {[k[:160] for k in unexpected[:5]]}{' ...' if len(unexpected) > 5 else ''} "
+            f"({len(unexpected)})"
         )
     for key, ref in expected.items():
         got = state_dict.get(key)
@@ -426,13 +635,78 @@ def _strict_load(network: PtychoPINNNetwork, state_dict: Mapping[str, Any]) -> N
             problems.append(f"{key} has shape {tuple(got.shape)}, the configuration needs {tuple(ref.shape)}")
         elif got.dtype != ref.dtype:
             problems.append(f"{key} has dtype {got.dtype}, expected {ref.dtype}")
+    return problems
+
+
+def _raise_mismatch(problems: list[str]) -> None:
+    raise StateDictMismatchError(
+        "diffraction_to_obj/model.pth does not fit the network its configuration describes ("
+        + "; ".join(problems[:6])
+        + "). The weights and the params/metadata come from different models; nothing was loaded"
+    )
+
+
+def _check_fits(config: NetworkConfig, state_dict: Mapping[str, Any], stored_bytes: int) -> None:
+    """Check the weights against the configured network built on the ``meta`` device (allocates nothing).
+
+    A hostile configuration (``n_filters_scale=10**6``, ``gridsize=300``) would otherwise allocate without bound
+    before the strict load could object, and stride-0 "expanded" tensors could match any shape from a few bytes:
+    the network's parameter bytes must also fit in the bytes the member actually holds.
+    """
+    with _config_errors("the bundle's network configuration"), torch.device("meta"):
+        # The fixed input scale is not part of the state_dict and needs real arithmetic: leave it out here.
+        expected = PtychoPINNNetwork(dataclasses.replace(config, intensity_scale_trainable=False)).state_dict()
+    problems = _state_dict_problems(expected, state_dict)
     if problems:
+        _raise_mismatch(problems)
+    needed = sum(_tensor_bytes(t) for t in expected.values())
+    if needed > stored_bytes:
         raise StateDictMismatchError(
-            "diffraction_to_obj/model.pth does not fit the network its configuration describes ("
-            + "; ".join(problems[:6])
-            + "). The weights and the params/metadata come from different models; nothing was loaded"
+            f"the configured network needs {needed} bytes of weights but diffraction_to_obj/model.pth holds only "
+            f"{stored_bytes}: its tensors are expanded views, not stored weights; refused"
         )
-    network.load_state_dict(state_dict, strict=True)
+
+
+def _strict_load(network: PtychoPINNNetwork, state_dict: Mapping[str, Any]) -> None:
+    problems = _state_dict_problems(network.state_dict(), state_dict)
+    if problems:
+        _raise_mismatch(problems)
+    with _config_errors("diffraction_to_obj/model.pth"):
+        network.load_state_dict(state_dict, strict=True)
+
+
+def _plain_equal(a: Any, b: Any, depth: int = 0) -> bool:
+    """``a == b`` for decoded plain data that never raises (numpy arrays compare element-wise)."""
+    if depth > 64:
+        return False
+    if type(a) is not type(b):
+        try:
+            numbers = (int, float, complex)
+            return bool(a == b) if isinstance(a, numbers) and isinstance(b, numbers) else False
+        except Exception:  # noqa: BLE001
+            return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_plain_equal(a[k], b[k], depth + 1) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_plain_equal(x, y, depth + 1) for x, y in zip(a, b))
+    if type(a).__module__ == "numpy" and hasattr(a, "shape"):
+        import numpy as np
+
+        return bool(np.array_equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _check_input_scale(config: NetworkConfig, source: str) -> None:
+    if config.intensity_scale_trainable:
+        scale = config.intensity_scale
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ConfigMismatchError(
+                f"{source}: intensity_scale={scale!r} with a trainable (fixed) input scale would multiply every "
+                "input by NaN, 0 or infinity; it must be a finite number > 0"
+            )
 
 
 def read_bundle(
@@ -444,9 +718,13 @@ def read_bundle(
 ) -> BundleContents:
     """Decode and validate a bundle without building the network or touching the global config.
 
+    Reads nothing but the named members, into memory (nothing is extracted or written), and checks the weights
+    against the configured network on the ``meta`` device, so a bundle that passes here builds.
+
     Args:
         path: ``wts.h5.zip``, its base ``wts.h5``, or a directory holding ``wts.h5.zip``.
-        allow_unsafe: unpickle ``.dill`` members with dill (runs code from the file; trusted files only).
+        allow_unsafe: unpickle ``.dill`` members with dill (runs code from the file; trusted files only) and skip
+            the global check of torch members (``torch.load(weights_only=True)`` still applies).
         legacy_scaling: for bundles without ``torch_scaling_metadata.pt``, reproduce upstream's legacy
             ``load_torch_bundle`` input scaling instead of honouring the caller's factor (spec §4.2).
         limits: size caps against zip bombs.
@@ -455,6 +733,7 @@ def read_bundle(
         BundleError: one of its subclasses, naming the cause and the fix.
     """
     archive = resolve_bundle_path(path)
+    scan = not unsafe_loading_allowed(allow_unsafe)  # same opt-in as the .dill members
     reader = _ArchiveReader(archive, limits)
     try:
         manifest = _decode_manifest(reader, allow_unsafe)
@@ -463,42 +742,51 @@ def read_bundle(
         for model in manifest["models"]:
             member = f"{model}/params.dill"
             if member not in reader:
-                raise CorruptBundleError(f"{archive} lacks {member!r}, which the manifest's model {model!r} needs")
+                raise CorruptBundleError(
+                    f"{archive} lacks {_short(member)}, which the manifest's model {_short(model)} needs"
+                )
             raw = reader.read(member)
             _verify_hash(manifest, member, raw, verified)
             snapshot = safe_loads(raw, member=member, allow_unsafe=allow_unsafe)
-            params_module.validate_params_snapshot(snapshot, source=member)
+            with _config_errors(member):
+                params_module.validate_params_snapshot(snapshot, source=member)
             snapshots.append((member, raw, snapshot))
         first_member, first_raw, params = snapshots[0]
         for member, raw, snapshot in snapshots[1:]:
-            if raw != first_raw and snapshot != params:
+            if raw != first_raw and not _plain_equal(snapshot, params):
                 differing = sorted(
-                    k for k in set(snapshot) | set(params) if snapshot.get(k, object()) != params.get(k, object())
+                    str(k) for k in set(snapshot) | set(params)
+                    if k not in snapshot or k not in params or not _plain_equal(snapshot[k], params[k])
                 )
                 raise ConfigMismatchError(
-                    f"{member} differs from {first_member} in keys {differing[:8]}; every model of a bundle must "
-                    "carry the same params snapshot"
+                    f"{member} differs from {first_member} in keys {_short(differing[:8])}; every model of a bundle "
+                    "must carry the same params snapshot"
                 )
         metadata = None
         if METADATA_MEMBER in reader:
             raw = reader.read(METADATA_MEMBER)
             _verify_hash(manifest, METADATA_MEMBER, raw, verified)
-            metadata = validate_metadata(_torch_load(raw, METADATA_MEMBER))
-            network_config = network_config_from_metadata(metadata)
-            check_params_agree(params, network_config)
+            decoded = _torch_load(raw, METADATA_MEMBER, scan=scan)
+            check_plain_data(decoded, member=METADATA_MEMBER, size=len(raw), leaf_types=(torch.Tensor,))
+            with _config_errors(METADATA_MEMBER):
+                metadata = validate_metadata(decoded)
+                network_config = network_config_from_metadata(metadata)
+                check_params_agree(params, network_config)
+            _check_input_scale(network_config, METADATA_MEMBER)
         else:
-            network_config = network_config_from_params(params, legacy_scaling=legacy_scaling)
+            with _config_errors(first_member):
+                network_config = network_config_from_params(params, legacy_scaling=legacy_scaling)
+            _check_input_scale(network_config, first_member)
         weights_member = f"{INFERENCE_MODEL}/model.pth"
         raw = reader.read(weights_member)
         _verify_hash(manifest, weights_member, raw, verified)
-        state_dict = _torch_load(raw, weights_member)
-        if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
-            raise CorruptBundleError(f"{weights_member} must hold a state_dict (a dict of tensors)")
-        if "_sentinel" in state_dict:
-            raise CorruptBundleError(f"{weights_member} is a weightless sentinel; the bundle has no trained network")
+        state_dict = _torch_load(raw, weights_member, scan=scan)
+        _check_state_dict_values(state_dict, weights_member)
         _detect_era(state_dict, network_config)
+        _check_fits(network_config, state_dict, len(raw))
+        hashes = manifest.get("sha256") or {}
         for name in reader.names:
-            if name not in verified and name != MANIFEST_MEMBER and (manifest.get("sha256") or {}).get(name):
+            if name not in verified and name != MANIFEST_MEMBER and hashes.get(name):
                 _verify_hash(manifest, name, reader.read(name), verified)
         member_sizes = {name: reader.size(name) for name in reader.names}
     finally:

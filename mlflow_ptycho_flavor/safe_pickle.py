@@ -2,9 +2,18 @@
 
 Upstream writes ``manifest.dill`` and ``params.dill`` with ``dill.dump``. For PyTorch bundles they hold plain
 data only, so they are read here with an unpickler that resolves no global except a short allow-list of data
-constructors (sets, complex numbers, numpy scalars and arrays, ``OrderedDict``). A pickle that names anything
-else - ``os.system``, ``builtins.eval``, a class with ``__reduce__`` - raises :class:`UnsafeBundleError`
-naming the offending global *before* that global is imported or called.
+constructors (sets, complex numbers, numpy scalars and numeric arrays, ``OrderedDict``). A pickle that names
+anything else - ``os.system``, ``builtins.eval``, a class with ``__reduce__`` - raises
+:class:`UnsafeBundleError` naming the offending global *before* that global is imported or called.
+
+Nothing numpy-specific is ever handed to numpy's own pickle hooks: ``numpy.dtype``, ``_reconstruct`` and the
+array ``BUILD`` state resolve to inert records here, and arrays/scalars are rebuilt with ``numpy.frombuffer`` from
+validated numeric dtypes only (numpy's ``ndarray.__setstate__`` crashes the interpreter on some crafted
+dtypes). The allowed constructors are wrapped so that a few bytes cannot ask for gigabytes
+(``bytearray(10**10)``, ``set(range(10**9))``), and the decoded value is walked once (:func:`check_plain_data`):
+nesting deeper than :data:`MAX_DEPTH`, cycles, or shared sub-objects that expand to far more nodes than the file
+has bytes ("billion laughs", which would make ``repr`` or ``==`` explode later) are refused. Any other failure
+while decoding is a :class:`CorruptBundleError`.
 
 Opting out (``allow_unsafe=True`` or MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) falls back to
 ``dill``/``pickle`` and therefore runs whatever code the file carries: only for files you trust.
@@ -12,78 +21,239 @@ Opting out (``allow_unsafe=True`` or MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZAT
 
 from __future__ import annotations
 
+import collections
 import io
+import math
 import os
 import pickle
+import pickletools
+import re
 from typing import Any
 
 from .errors import CorruptBundleError, UnsafeBundleError
 
-__all__ = ["safe_loads", "unsafe_loading_allowed", "ALLOW_PICKLE_ENV"]
+__all__ = [
+    "safe_loads",
+    "unsafe_loading_allowed",
+    "check_plain_data",
+    "ALLOW_PICKLE_ENV",
+    "MAX_DEPTH",
+    "MAX_RANGE_LENGTH",
+]
 
 ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
+#: Deepest container nesting a decoded member may have (real manifests/params/metadata nest 3 levels at most).
+MAX_DEPTH = 64
+#: Largest ``range`` a pickle may construct (a range is lazy, but whatever consumes it is not).
+MAX_RANGE_LENGTH = 1 << 16
 
-def _np_core_reconstruct() -> Any:
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-def _numpy_scalar(*args: Any) -> Any:
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import scalar
-    return scalar(*args)
+_NUMERIC_DTYPE = re.compile(r"^[biufc][0-9]{1,2}$")  # 'f8', 'i4', 'b1', 'c16' - what numpy's dtype reduce names
+_BYTE_ORDERS = ("<", ">", "|", "=")
 
 
-def _numpy_class(name: str) -> Any:
+def _refuse_amplification(what: str) -> UnsafeBundleError:
+    return UnsafeBundleError(
+        f"the pickle asks for {what}, which plain data never needs and which would let a few bytes allocate "
+        "gigabytes; refused"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# numpy: inert records, rebuilt with numpy.frombuffer from validated numeric dtypes
+# ----------------------------------------------------------------------------------------------------------------
+class _DtypeRecord:
+    """What ``numpy.dtype(...)`` resolves to while unpickling: the arguments and BUILD state, nothing built yet."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:  # the pickle's BUILD opcode lands here, not in numpy
+        self.state = state
+
+    def to_dtype(self) -> Any:
+        import numpy as np
+
+        code = self.args[0] if self.args else None
+        if not isinstance(code, str) or not _NUMERIC_DTYPE.match(code):
+            raise UnsafeBundleError(
+                f"the pickle describes the numpy dtype {code!r}; only plain numeric dtypes (bool, int, uint, float, "
+                "complex) are accepted"
+            )
+        try:
+            dtype = np.dtype(code)
+        except TypeError as exc:
+            raise CorruptBundleError(f"invalid numpy dtype {code!r} in the pickle") from exc
+        state = self.state
+        if state is not None:
+            if (
+                not isinstance(state, tuple)
+                or len(state) < 5
+                or state[1] not in _BYTE_ORDERS
+                or any(part is not None for part in state[2:5])
+            ):
+                raise UnsafeBundleError(
+                    "the pickle gives a numpy dtype a sub-array, field or unusual state; only plain numeric dtypes "
+                    "are accepted"
+                )
+            if state[1] in ("<", ">") and dtype.itemsize > 1:
+                dtype = dtype.newbyteorder(state[1])
+        return dtype
+
+    def __repr__(self) -> str:
+        return f"numpy.dtype{self.args!r}"
+
+
+def _array_from_bytes(raw: Any, dtype_record: Any, shape: Any, fortran: bool) -> Any:
     import numpy as np
 
-    return getattr(np, name)
+    if not isinstance(dtype_record, _DtypeRecord):
+        raise UnsafeBundleError("a numpy array record names something other than a dtype; refused")
+    dtype = dtype_record.to_dtype()
+    if isinstance(raw, (bytes, bytearray)):
+        data = bytes(raw)
+    elif isinstance(raw, pickle.PickleBuffer):
+        data = bytes(raw.raw())
+    else:
+        raise UnsafeBundleError(
+            f"a numpy array record carries {type(raw).__name__} instead of raw bytes; only numeric arrays are accepted"
+        )
+    valid_dims = all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) if isinstance(
+        shape, tuple) else False
+    if not valid_dims:
+        raise CorruptBundleError(f"a numpy array record has the invalid shape {shape!r}")
+    count = math.prod(shape)
+    if count * dtype.itemsize != len(data):
+        raise CorruptBundleError(
+            f"a numpy array record of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, holds "
+            f"{len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy(order="K")
+
+
+class _ArrayRecord:
+    """What ``numpy._reconstruct(ndarray, (0,), b'b')`` resolves to; its BUILD state holds dtype, shape and bytes."""
+
+    def __init__(self) -> None:
+        self.array: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+            raise CorruptBundleError("a numpy array record has an unknown state layout")
+        _, shape, dtype_record, fortran, raw = state
+        self.array = _array_from_bytes(raw, dtype_record, shape, bool(fortran))
+
+    def result(self) -> Any:
+        if self.array is None:
+            raise CorruptBundleError("a numpy array record was never filled (no BUILD state)")
+        return self.array
+
+
+class _NdarrayClassRef:
+    """What ``numpy.ndarray`` resolves to: pickles only pass the class to ``_reconstruct``; calling it is refused.
+
+    Handing out the real class would let a pickle call ``ndarray((10**9,), object)`` and fill gigabytes.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refuse_amplification("numpy.ndarray(...) to be called directly")
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY_REF = _NdarrayClassRef()
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> _ArrayRecord:
+    """``numpy._reconstruct`` as ``ndarray.__reduce__`` uses it: always an empty placeholder, filled by BUILD."""
+    if subtype is not _NDARRAY_REF or not isinstance(shape, tuple) or shape != (0,):
+        raise _refuse_amplification(f"numpy _reconstruct({subtype!r}, {shape!r})")
+    return _ArrayRecord()
+
+
+def _safe_frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> Any:
+    """``numpy._frombuffer`` (how protocol-5 pickles carry arrays): bytes the pickle itself holds."""
+    return _array_from_bytes(buf, dtype, shape, order == "F")
+
+
+def _safe_scalar(dtype: Any, data: Any = None) -> Any:
+    """``numpy...multiarray.scalar(dtype, bytes)``: one numeric value."""
+    import numpy as np
+
+    if not isinstance(dtype, _DtypeRecord):
+        raise UnsafeBundleError("a numpy scalar record names something other than a dtype; refused")
+    real = dtype.to_dtype()
+    if not isinstance(data, (bytes, bytearray)) or len(data) != real.itemsize:
+        raise CorruptBundleError(f"a numpy {real} scalar record does not hold {real.itemsize} raw bytes")
+    return np.frombuffer(bytes(data), dtype=real)[0]
 
 
 def _dill_create_array(f: Any, args: Any, state: Any, npdict: Any = None) -> Any:
     """Safe stand-in for ``dill._dill._create_array``: only numpy's own reconstructor, no instance dict."""
-    if f is not _np_core_reconstruct():
+    if f is not _safe_reconstruct:
         raise UnsafeBundleError("dill array record names a constructor other than numpy's _reconstruct")
     if npdict:
         raise UnsafeBundleError("dill array record carries an instance __dict__ (ndarray subclass); refused")
-    array = f(*args)
-    array.__setstate__(state)
-    return array
+    record = f(*args)
+    record.__setstate__(state)
+    return record.result()
 
 
-_ALLOWED_CALLABLES: dict[tuple[str, str], Any] = {}
+# ----------------------------------------------------------------------------------------------------------------
+# builtins that cannot be turned into allocation bombs
+# ----------------------------------------------------------------------------------------------------------------
+def _materialized(value: Any, what: str) -> Any:
+    # Containers decoded from the pickle are bounded by its size; lazy iterables (range) are not.
+    if not isinstance(value, (list, tuple, set, frozenset, dict, str, bytes, bytearray)):
+        raise _refuse_amplification(f"{what} of a {type(value).__name__}")
+    return value
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    if _ALLOWED_CALLABLES:
-        return _ALLOWED_CALLABLES
-    import collections
+def _safe_set(*args: Any) -> set:
+    return set(*(_materialized(a, "set()") for a in args))
 
-    reconstruct = _np_core_reconstruct()
-    table: dict[tuple[str, str], Any] = {
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
-        ("builtins", "slice"): slice,
-        ("builtins", "range"): range,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("numpy", "dtype"): _numpy_class("dtype"),
-        ("numpy", "ndarray"): _numpy_class("ndarray"),
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-        ("dill._dill", "_create_array"): _dill_create_array,
-    }
-    _ALLOWED_CALLABLES.update(table)
-    return _ALLOWED_CALLABLES
+
+def _safe_frozenset(*args: Any) -> frozenset:
+    return frozenset(*(_materialized(a, "frozenset()") for a in args))
+
+
+def _safe_bytearray(*args: Any) -> bytearray:
+    if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+        raise _refuse_amplification(f"bytearray({type(args[0]).__name__})")
+    return bytearray(*args)
+
+
+def _safe_range(*args: Any) -> range:
+    value = range(*args)
+    if len(value) > MAX_RANGE_LENGTH:
+        raise _refuse_amplification(f"a range of {len(value)} items")
+    return value
+
+
+def _safe_ordered_dict(*args: Any) -> collections.OrderedDict:
+    return collections.OrderedDict(*(_materialized(a, "OrderedDict()") for a in args))
+
+
+_ALLOWED_CALLABLES: dict[tuple[str, str], Any] = {
+    ("builtins", "set"): _safe_set,
+    ("builtins", "frozenset"): _safe_frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): _safe_bytearray,
+    ("builtins", "slice"): slice,
+    ("builtins", "range"): _safe_range,
+    ("collections", "OrderedDict"): _safe_ordered_dict,
+    ("numpy", "dtype"): _DtypeRecord,
+    ("numpy", "ndarray"): _NDARRAY_REF,
+    ("numpy._core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _safe_reconstruct,
+    ("numpy._core.multiarray", "scalar"): _safe_scalar,
+    ("numpy.core.multiarray", "scalar"): _safe_scalar,
+    ("numpy._core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("numpy.core.numeric", "_frombuffer"): _safe_frombuffer,
+    ("dill._dill", "_create_array"): _dill_create_array,
+}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -92,12 +262,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self._member = member
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = _allowed_globals().get((module, name))
+        allowed = _ALLOWED_CALLABLES.get((module, name))
         if allowed is None:
             raise UnsafeBundleError(
                 f"{self._member} references the global {module}.{name}, which the safe loader refuses "
                 "(only plain data is allowed: dict, list, tuple, set, str, bytes, numbers, bool, None, numpy "
-                "scalars and arrays). If you trust this file, load with allow_unsafe=True or set "
+                "scalars and numeric arrays). If you trust this file, load with allow_unsafe=True or set "
                 f"{ALLOW_PICKLE_ENV}=true"
             )
         return allowed
@@ -113,6 +283,83 @@ def unsafe_loading_allowed(allow_unsafe: bool | None = None) -> bool:
     return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def check_plain_data(value: Any, *, member: str, size: int, leaf_types: tuple[type, ...] = ()) -> None:
+    """Walk a decoded member once and refuse structures that would blow up whoever uses them later.
+
+    Refused (:class:`UnsafeBundleError`): nesting deeper than :data:`MAX_DEPTH`; cycles and shared sub-objects
+    whose expansion exceeds ``10 * size + 10_000`` nodes (a "billion laughs" pickle of a few hundred bytes stands for
+    2**40 list items, and ``repr``, ``==`` or a YAML dump of it never finish). The walk is iterative, so it cannot
+    overflow the stack itself.
+
+    Args:
+        value: the decoded object.
+        member: the member name, for messages.
+        size: the member's size in bytes (sets the node budget).
+        leaf_types: extra types accepted as leaves without looking inside (e.g. ``torch.Tensor``).
+    """
+    budget = 10 * int(size) + 10_000
+    nodes = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > budget:
+            raise UnsafeBundleError(
+                f"{member} expands to more than {budget} objects from {size} bytes (a cycle, or shared sub-objects "
+                "referenced over and over: a 'billion laughs' pickle); refused"
+            )
+        if depth > MAX_DEPTH:
+            raise UnsafeBundleError(f"{member} nests containers more than {MAX_DEPTH} levels deep; refused")
+        if leaf_types and isinstance(item, leaf_types):
+            continue
+        if isinstance(item, dict):
+            for key, val in item.items():
+                stack.append((key, depth + 1))
+                stack.append((val, depth + 1))
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _resolve_records(value: Any, member: str) -> Any:
+    """Replace the inert numpy records left in the decoded tree by real arrays and dtypes (tree already checked)."""
+    memo: dict[int, Any] = {}
+
+    def resolve(item: Any) -> Any:
+        key = id(item)
+        if key in memo:
+            return memo[key]
+        if isinstance(item, _ArrayRecord):
+            result = item.result()
+        elif isinstance(item, _DtypeRecord):
+            result = item.to_dtype()
+        elif isinstance(item, _NdarrayClassRef):
+            raise UnsafeBundleError(f"{member} holds the numpy.ndarray class itself; refused")
+        elif isinstance(item, dict):
+            memo[key] = item
+            for k in list(item):
+                if isinstance(k, (_ArrayRecord, _DtypeRecord, _NdarrayClassRef)):
+                    raise CorruptBundleError(f"{member} uses a numpy object as a dict key")
+                item[k] = resolve(item[k])
+            return item
+        elif isinstance(item, list):
+            memo[key] = item
+            item[:] = [resolve(child) for child in item]
+            return item
+        elif isinstance(item, tuple):
+            children = [resolve(child) for child in item]
+            result = item if all(a is b for a, b in zip(children, item)) else tuple(children)
+        elif isinstance(item, (set, frozenset)):
+            if any(isinstance(c, (_ArrayRecord, _DtypeRecord, _NdarrayClassRef)) for c in item):
+                raise CorruptBundleError(f"{member} puts a numpy object in a set")
+            result = item
+        else:
+            result = item
+        memo[key] = result
+        return result
+
+    return resolve(value)
+
+
 def safe_loads(data: bytes, *, member: str, allow_unsafe: bool | None = None) -> Any:
     """Decode a pickle/dill member holding plain data.
 
@@ -123,20 +370,35 @@ def safe_loads(data: bytes, *, member: str, allow_unsafe: bool | None = None) ->
             ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``.
 
     Raises:
-        UnsafeBundleError: the pickle references a global outside the allow-list.
-        CorruptBundleError: the bytes are not a valid pickle.
+        UnsafeBundleError: the pickle references a global outside the allow-list, or asks for a structure that
+            would exhaust memory (see :func:`check_plain_data`).
+        CorruptBundleError: the bytes are not a valid pickle (any other failure while decoding).
     """
     if unsafe_loading_allowed(allow_unsafe):
         try:
-            import dill
-
+            try:
+                import dill
+            except ImportError:  # pragma: no cover - dill is a dependency
+                return pickle.loads(data)  # noqa: S301 - explicit opt-in
             return dill.loads(data)
-        except ImportError:
-            return pickle.loads(data)  # noqa: S301 - explicit opt-in
+        except Exception as exc:  # explicit opt-in: the file's own code may raise anything
+            raise CorruptBundleError(
+                f"{member} could not be unpickled even with unsafe loading allowed: {type(exc).__name__}: "
+                f"{str(exc)[:300]}"
+            ) from exc
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), member).load()
-    except UnsafeBundleError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, OverflowError, MemoryError, RecursionError, UnicodeDecodeError) as exc:
-        raise CorruptBundleError(f"{member} is not a valid pickle of plain data: {exc}") from exc
+        # Disassemble first: pickletools reads counted arguments (BINBYTES8, BYTEARRAY8, ...) without allocating
+        # their declared size, whereas the C unpickler allocates it before finding the data is not there.
+        for _ in pickletools.genops(data):
+            pass
+        value = _RestrictedUnpickler(io.BytesIO(data), member).load()
+        check_plain_data(value, member=member, size=len(data))
+        return _resolve_records(value, member)
+    except (UnsafeBundleError, CorruptBundleError) as exc:
+        if str(exc).startswith(member):
+            raise
+        raise type(exc)(f"{member}: {exc}") from exc  # name the member in errors raised by the wrapped constructors
+    except Exception as exc:  # noqa: BLE001 - nothing but the wrapped constructors ran: any failure is bad data
+        raise CorruptBundleError(
+            f"{member} is not a valid pickle of plain data: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from exc
