@@ -249,11 +249,29 @@ def save_model(
             extra_pip_requirements=extra_pip_requirements,
         )
         _check_target(target)
-        if target.exists():
-            target.rmdir()
-        os.rename(staging, target)
+        _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename the finished staging directory onto ``target`` (absent or empty) in one step.
+
+    POSIX ``rename`` replaces an empty directory atomically, so a caller's empty target is never removed first;
+    where the platform refuses that, the empty target is removed and recreated if the rename then fails.
+    """
+    try:
+        os.rename(staging, target)
+        return
+    except OSError:
+        if not target.is_dir() or any(target.iterdir()):
+            raise
+    target.rmdir()
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        target.mkdir(exist_ok=True)
         raise
 
 

@@ -100,7 +100,8 @@ def prepare_diffraction(
                 f"(gridsize {int(math.isqrt(channels))}); pass (B, {channels}, {N}, {N}) groups of neighbouring "
                 "patterns (see mlflow_ptycho_flavor.grouping.group_patterns)"
             )
-        array = array.reshape(array.shape[0], 1, *array.shape[1:])
+        # An empty (0, N, N) batch holds no patterns to group: it is the empty (0, C, N, N) input.
+        array = array.reshape(array.shape[0], 1 if array.shape[0] else channels, *array.shape[1:])
     if array.ndim != 4:
         raise PredictionInputError(
             f"`diffraction` must have rank 3 (B, N, N) or 4 (B, C, N, N), got shape {array.shape}"

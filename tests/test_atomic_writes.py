@@ -285,11 +285,6 @@ def test_save_model_refuses_existing_non_empty_directory(flavor, networks, tmp_p
     assert _tree(tmp_path) == before  # nothing lost, nothing added (no staging directory either)
 
 
-_RMDIR_BEFORE_RENAME = pytest.mark.xfail(
-    strict=True,
-    reason="flavor.save_model removes an existing empty target directory before os.rename(staging, target); when "
-    "that rename fails the empty directory the caller created is gone (flavor.py; remove this marker when fixed)",
-)
 
 
 @pytest.mark.parametrize(
@@ -297,7 +292,7 @@ _RMDIR_BEFORE_RENAME = pytest.mark.xfail(
     [
         ("environment-files", False), ("bundle-write", False), ("final-rename", False),
         ("environment-files", True), ("bundle-write", True),
-        pytest.param("final-rename", True, marks=_RMDIR_BEFORE_RENAME),
+        ("final-rename", True),
     ],
     ids=["new-dir-env", "new-dir-bundle", "new-dir-rename", "empty-dir-env", "empty-dir-bundle", "empty-dir-rename"],
 )

@@ -154,11 +154,6 @@ def test_empty_batch_returns_an_empty_result(models, options):
             assert result.shape == (0, C, N, N) and result.dtype == np.complex64
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="inference.prepare_diffraction exempts an empty (0, N, N) batch from the rank-3/gridsize check but then "
-    "reshapes it to one channel and fails the channel check (inference.py; remove this marker when fixed)",
-)
 def test_empty_batch_of_rank_3_for_a_gridsize_2_model(models):
     """(0, N, N) carries no patterns to group: also the empty (0, C, N, N) result, not an error."""
     native, _ = models
