@@ -33,11 +33,14 @@ class BundleError(PtychoFlavorError):
 
 
 class NotABundleError(BundleError):
-    """The path does not exist or is not a zip archive at all."""
+    """The path does not exist, is not a regular file, or holds no readable zip directory.
+
+    A file cut short before its central directory lands here too (the message says it looks truncated).
+    """
 
 
 class CorruptBundleError(BundleError):
-    """The archive is damaged: truncated, bad CRC, missing member, hash mismatch, bad manifest."""
+    """The archive opens but is damaged: bad CRC, a member cut short, missing member, hash mismatch, bad manifest."""
 
 
 class UnsafeBundleError(BundleError):
