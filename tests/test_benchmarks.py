@@ -40,6 +40,8 @@ SUMMARY_ROWS = [
     "flavor.load_model / mlflow.pytorch.load_model (pt2), g1",
     "pyfunc.load_model (ours) / floor, g1",
     "pyfunc.load_model (ours) / pyfunc.load_model (mlflow.pytorch pt2), g1",
+    "load_torch_bundle / mlflow.pytorch.load_model (pickle), g1",
+    "pyfunc.load_model (ours) / pyfunc.load_model (mlflow.pytorch pickle), g1",
     "ours/mlflow.pytorch req/s, B=1",
     "JSON encode share of predict+encode, B=1",
     "bundle / raw state_dict bytes, g1",
@@ -49,6 +51,7 @@ SUMMARY_ROWS = [
     "pyfunc.load_model peak RSS growth, g1",
     "batch exponent k (N=64)",
     "time N=128 / N=64",
+    "B=16 in chunks of 4 vs one chunk",
     "options worth it",
 ]
 
