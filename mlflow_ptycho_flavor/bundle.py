@@ -21,6 +21,7 @@ from __future__ import annotations
 import _compat_pickle
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -148,8 +149,16 @@ class BundleContents:
         value = self.params.get("intensity_scale")
         return float(value) if value is not None else None
 
-    def build_network(self, device: str | torch.device | None = None) -> PtychoPINNNetwork:
+    def build_network(
+        self, device: str | torch.device | None = None, *, adopt_weights: bool = False
+    ) -> PtychoPINNNetwork:
         """Build the network from :attr:`network_config`, strict-load the weights, eval mode, on ``device``.
+
+        Args:
+            device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
+            adopt_weights: let the network take over :attr:`state_dict`'s tensors instead of copying them (no
+                random init, no copy: what the loaders use when the contents are discarded afterwards). Networks
+                built with it from the same contents share their weights.
 
         Raises:
             ValueError: ``device`` is not valid or not available.
@@ -158,6 +167,10 @@ class BundleContents:
         """
         target = resolve_device(device)
         _check_fits(self.network_config, self.state_dict, _stored_bytes(self.state_dict))
+        if adopt_weights:
+            with _config_errors("diffraction_to_obj/model.pth"):
+                network = PtychoPINNNetwork.from_state_dict(self.network_config, self.state_dict)
+            return network.to(target).eval()
         with _config_errors("the bundle's network configuration"):
             network = PtychoPINNNetwork(self.network_config)
         _strict_load(network, self.state_dict)
@@ -646,6 +659,13 @@ def _raise_mismatch(problems: list[str]) -> None:
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _expected_layout(config: NetworkConfig) -> "OrderedDict[str, torch.Tensor]":
+    """The state_dict layout (meta tensors: keys, shapes, dtypes) of a configuration, built once per process."""
+    with torch.device("meta"):
+        return PtychoPINNNetwork(config).state_dict()
+
+
 def _check_fits(config: NetworkConfig, state_dict: Mapping[str, Any], stored_bytes: int) -> None:
     """Check the weights against the configured network built on the ``meta`` device (allocates nothing).
 
@@ -653,9 +673,8 @@ def _check_fits(config: NetworkConfig, state_dict: Mapping[str, Any], stored_byt
     before the strict load could object, and stride-0 "expanded" tensors could match any shape from a few bytes:
     the network's parameter bytes must also fit in the bytes the member actually holds.
     """
-    with _config_errors("the bundle's network configuration"), torch.device("meta"):
-        # The fixed input scale is not part of the state_dict and needs real arithmetic: leave it out here.
-        expected = PtychoPINNNetwork(dataclasses.replace(config, intensity_scale_trainable=False)).state_dict()
+    with _config_errors("the bundle's network configuration"):
+        expected = _expected_layout(dataclasses.replace(config, intensity_scale_trainable=False))
     problems = _state_dict_problems(expected, state_dict)
     if problems:
         _raise_mismatch(problems)
@@ -836,7 +855,7 @@ def load_torch_bundle(
     contents = read_bundle(path, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling, limits=limits)
     if restore_params:
         params_module.restore_params(contents.params)
-    network = contents.build_network(device)
+    network = contents.build_network(device, adopt_weights=True)
     return network, dict(contents.params)
 
 
@@ -906,7 +925,9 @@ def _split_models(models: Any) -> tuple[PtychoPINNNetwork, Any]:
 
 def _zip_info(name: str) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    info.compress_type = zipfile.ZIP_DEFLATED
+    # Weights are stored, not deflated: deflate saves ~9% on float32 weights but inflating them is the largest
+    # single cost of a load (benchmarks/RESULTS.md). Both methods are plain zip; upstream reads either.
+    info.compress_type = zipfile.ZIP_STORED if name.endswith("model.pth") else zipfile.ZIP_DEFLATED
     info.external_attr = (stat.S_IFREG | 0o644) << 16
     return info
 

@@ -103,7 +103,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         conf = _mlflow_env.flavor_configuration(model_dir, FLAVOR_NAME)
         target = os.path.join(model_dir, conf.get("bundle", "wts.h5.zip"))
     contents = read_bundle(resolve_bundle_path(target))
-    network = contents.build_network("cpu")
+    network = contents.build_network("cpu", adopt_weights=True)
     n_params = sum(p.numel() for p in network.parameters())
     cfg = contents.network_config
     report = {
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--patches-only", action="store_true", help="skip stitching")
     predict.add_argument("--scale", default="dataset",
                          help="input factor: 'dataset' (upstream's normalization over the scan, default), 'one', or a number")
-    predict.add_argument("--batch-size", type=int, default=256, help="patterns per forward pass (default: %(default)s)")
+    predict.add_argument("--batch-size", type=int, default=None, help="patterns per forward pass (default: 16 on CPU, 256 on a GPU)")
     predict.add_argument("--device", default=None, help="'cpu', 'cuda:0' or 'auto' (default: auto)")
     predict.set_defaults(func=cmd_predict)
 

@@ -261,6 +261,14 @@ def _decoder_attention_blocks(cfg: NetworkConfig, trunk: list[int]) -> nn.Module
     return None
 
 
+def _border_mask(N: int) -> torch.Tensor:
+    """1 on the outer ring, 0 on the centre square ``[N/4, 3N/4)`` (spec §3.4); always a real CPU tensor."""
+    quarter = N // 4
+    mask = torch.ones(1, 1, N, N, device="cpu")
+    mask[..., quarter : N - quarter, quarter : N - quarter] = 0
+    return mask
+
+
 class _Head(nn.Module):
     """``Decoder_last``: centre path at N/2 padded to N, plus a border path masked to the outer ring."""
 
@@ -278,10 +286,7 @@ class _Head(nn.Module):
         self.conv2 = _conv3x3(width, out_channels)
         self.bn1 = nn.BatchNorm2d(out_channels) if batch_norm else None
         self.bn2 = nn.BatchNorm2d(out_channels) if batch_norm else None
-        quarter = cfg.N // 4
-        mask = torch.ones(1, 1, cfg.N, cfg.N)
-        mask[..., quarter : cfg.N - quarter, quarter : cfg.N - quarter] = 0
-        self.register_buffer("border_mask", mask, persistent=False)
+        self.register_buffer("border_mask", _border_mask(cfg.N), persistent=False)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         split = y.size(1) - self.border_channels
@@ -484,11 +489,27 @@ class PtychoPINNNetwork(nn.Module):
         self._real_imag = config.effective_output_mode == "real_imag"
         scale = None
         if config.intensity_scale_trainable:
-            log_scale = torch.tensor(math.log(config.intensity_scale), dtype=torch.float32)
+            log_scale = torch.tensor(math.log(config.intensity_scale), dtype=torch.float32, device="cpu")
             if bool(log_scale):  # upstream's truthiness test: ln(1) = 0 keeps the caller's factor
                 scale = torch.exp(log_scale)
         # Not a buffer: upstream's log_scale is neither in the state_dict nor moved with the module.
         self._fixed_input_scale = scale
+
+    @classmethod
+    def from_state_dict(cls, config: NetworkConfig, state_dict) -> "PtychoPINNNetwork":
+        """Build the network around existing weights: no random initialisation and no copy.
+
+        The module tree is created on the ``meta`` device (no memory, no init) and the tensors of ``state_dict``
+        are adopted as its parameters and buffers (``load_state_dict(strict=True, assign=True)``), so loading
+        costs what reading the weights costs. The caller hands the tensors over: they become the network's.
+        """
+        with torch.device("meta"):
+            network = cls(config)
+        network.load_state_dict(state_dict, strict=True, assign=True)
+        for module in network.modules():
+            if isinstance(module, _Head):
+                module.border_mask = _border_mask(config.N)
+        return network
 
     @property
     def input_channels(self) -> int:

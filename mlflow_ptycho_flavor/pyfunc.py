@@ -10,7 +10,7 @@ Accepted inputs:
 
 Params (declared in the signature's ParamSchema, so they reach the model in Python and in serving):
     ``output_format``: ``auto`` (``complex`` in Python, ``real_imag`` when serving or inside a Spark task) |
-    ``complex`` | ``real_imag`` | ``amp_phase``; ``batch_size`` (0 = default); ``input_kind``: ``amplitude`` |
+    ``complex`` | ``real_imag`` | ``amp_phase``; ``batch_size`` (0 = 16 on CPU, 256 on a GPU); ``input_kind``: ``amplitude`` |
     ``intensity``; ``normalize``: ``none`` | ``dataset``; ``stitch`` (bool) and ``crop_size`` (0 = N/2).
 
 Spark (``mlflow.pyfunc.spark_udf``, see :mod:`mlflow_ptycho_flavor.spark`): Arrow cannot carry complex numbers,
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import PredictionInputError, PtychoFlavorError
-from .inference import DEFAULT_BATCH_SIZE, OUTPUT_FORMATS, PtychoTorchModel, encode_output
+from .inference import OUTPUT_FORMATS, PtychoTorchModel, encode_output
 
 __all__ = ["PtychoTorchPyfuncModel", "PARAM_DEFAULTS", "param_schema", "SERVING_ENV"]
 
@@ -155,7 +155,7 @@ class PtychoTorchPyfuncModel:
         batch_size = merged["batch_size"]
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
             raise _invalid(f"`batch_size` must be an integer >= 0 (0 = default), got {batch_size!r}")
-        merged["batch_size"] = int(batch_size) or DEFAULT_BATCH_SIZE
+        merged["batch_size"] = int(batch_size) or None  # None: the device's default
         return merged
 
     def _split_input(self, data: Any) -> tuple[Any, Any, Any, Any]:

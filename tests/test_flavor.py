@@ -372,7 +372,7 @@ def test_mlmodel_records_flavor_pyfunc_and_signature_field_by_field(gridsize, mo
     pyfunc_conf = mlmodel.flavors["python_function"]
     assert pyfunc_conf["loader_module"] == "mlflow_ptycho_flavor"
     assert pyfunc_conf["data"] == "wts.h5.zip"
-    assert pyfunc_conf["config"] == {"device": None}
+    assert pyfunc_conf["config"] == {"device": None, "channels_last": False}
     assert pyfunc_conf["env"] == {"conda": "conda.yaml", "virtualenv": "python_env.yaml"}
     assert (model_dir / pyfunc_conf["data"]).is_file()
 
@@ -396,7 +396,7 @@ def test_mlmodel_records_flavor_pyfunc_and_signature_field_by_field(gridsize, mo
 
 def test_save_model_declares_extra_model_config_keys(networks, tmp_path):
     mlflow.ptycho_torch.save_model(networks[1], tmp_path / "m", model_config={"device": "cpu"})
-    assert Model.load(str(tmp_path / "m")).flavors["python_function"]["config"] == {"device": "cpu"}
+    assert Model.load(str(tmp_path / "m")).flavors["python_function"]["config"] == {"device": "cpu", "channels_last": False}
 
 
 def test_requirements_pin_public_versions_without_local_tags(model_dirs):
@@ -664,3 +664,17 @@ def test_tracking_and_artifacts_stay_under_tmp_path(networks, mlflow_store, tmp_
     assert {p for p in watched if p.exists()} == existed
     new_entries = {p.name for p in REPO_ROOT.iterdir()} - repo_entries
     assert not {n for n in new_entries if n.startswith(("mlruns", "mlartifacts")) or n.endswith(".db")}
+
+
+@pytest.mark.parametrize("gridsize", [1, 2])
+def test_channels_last_fast_path_matches_the_default_layout(model_dirs, pyfuncs, gridsize):
+    """Opt-in NHWC convolutions (model_config / load_model flag): same results to float rounding."""
+    fast = mlflow.pyfunc.load_model(str(model_dirs[gridsize]), model_config={"device": "cpu", "channels_last": True})
+    network = fast.get_raw_model()
+    assert network.model.autoencoder.encoder.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = np.random.default_rng(gridsize).uniform(0, 2, (5, gridsize**2, 64, 64)).astype(np.float32)
+    reference = pyfuncs[gridsize].predict(x)
+    got = fast.predict(x)
+    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * max(1.0, float(np.abs(reference).max())))
+    native = mlflow.ptycho_torch.load_model(str(model_dirs[gridsize]), device="cpu", channels_last=True)
+    np.testing.assert_array_equal(native.predict(x), got)
