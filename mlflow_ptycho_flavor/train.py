@@ -1,0 +1,898 @@
+"""A compact physics-informed (PINN) trainer for this package's PtychoPINN network, gridsize 1.
+
+Trains :class:`~mlflow_ptycho_flavor.network.PtychoPINNNetwork` from diffraction amplitudes alone: the network
+predicts a complex object patch per pattern, a differentiable far-field forward model (the same one as
+:mod:`mlflow_ptycho_flavor.data`'s simulator) turns it into predicted amplitudes with the dataset's probe, and
+the loss compares them with the measured ones. Ground-truth patches, when the dataset has them, are used only
+to report reconstruction errors, never for training. The trained network saves as an upstream-compatible
+``wts.h5.zip`` (:func:`save_trained_bundle`).
+
+Only gridsize 1 (one pattern per sample, ``C = 1``) is implemented: it is what the single-pattern inference
+path needs, and grouping neighbours for gridsize 2 adds position-dependent physics (overlap constraints) that
+this compact trainer does not attempt.
+
+Scale conventions (spec §2.4, §4.3, §8.4)
+-----------------------------------------
+With ``diff3d`` the measured amplitudes (sqrt counts) of the training set and ``probe`` its ``probeGuess``:
+
+* ``f = data.normalization_factor(diff3d) = sqrt((N/2)**2 / mean_patterns sum_pixels diff3d**2)`` (upstream's
+  RawData normalization). **Network input:** the raw amplitudes with ``input_scale_factor = f``, i.e.
+  ``network(diff3d, f)``, so the convolutions see the normalized amplitudes ``X = f * diff3d`` exactly as
+  upstream's training does. **At inference pass the raw amplitudes and scale = the same formula over the data
+  being reconstructed** - ``PtychoTorchModel.predict(diff, normalize="dataset")``, or
+  ``network(x, normalization_factor(diff))`` - which is upstream's inference-CLI convention (spec §4.3). The
+  network is built with ``intensity_scale_trainable=False``, so the factor is always honoured (spec §8.4).
+* ``nphotons``: :attr:`TrainConfig.nphotons`, or by default the measured mean total counts per training
+  pattern ``mean_patterns sum_pixels diff3d**2`` (the dataset's own photon budget).
+* ``intensity_scale = sqrt(nphotons / mean_patterns sum_pixels X**2)`` (spec §2.4; ``= sqrt(nphotons)/(N/2)``
+  since ``X`` has mean energy ``(N/2)**2``). It is recorded in the bundle's ``params.dill`` and
+  ``TrainResult.intensity_scale``.
+* ``photon_scale``: the amplitude factor of the simulator's forward model (``data`` module docstring). Taken
+  from ``dataset.photon_scale`` when present (simulated data or an NPZ with that key), which makes the forward
+  model exact and the trained network converge to the *true* object. Otherwise it is estimated as
+  ``sqrt(mean counts / sum |probe|**2)``, i.e. assuming an object of unit modulus on average under the probe;
+  the overall modulus of the object is not measurable from diffraction data with a given probe scale, so in that
+  case the reconstruction is the true object times an unknown real constant.
+
+Forward model and loss (``ForwardModel``), per pattern, with ``O`` the network's complex ``(N, N)`` output::
+
+    P_n    = f * photon_scale * probe                                # probe in normalized-amplitude units
+    A_pred = intensity_scale * |fftshift(fft2(P_n * O)) / N|          # predicted amplitudes
+    A_meas = intensity_scale * X = intensity_scale * f * diff3d      # measured amplitudes, same units
+    poisson: mean(A_pred**2 - K * log(A_pred**2) + K * log(K) - K),  K = A_meas**2   (Poisson NLL on counts,
+             offset so that a perfect fit of noise-free data scores 0)
+    mae:     mean(|A_pred - A_meas|)
+
+So ``intensity_scale`` enters exactly as in upstream's physics loss: both predicted and measured amplitudes are
+put on the count scale of ``nphotons`` photons per pattern (with the default ``nphotons``,
+``intensity_scale * f == 1`` and ``K`` are the measured counts themselves). For the true object patch,
+``A_pred = intensity_scale * f * data.predict_amplitudes(dataset, patch)``, i.e. the forward model reproduces the
+simulator's noise-free data on the loss's scale (tested).
+
+Initialisation (:func:`init_for_training`, ``TrainConfig.init="lsuv"``): PyTorch's default init, which upstream
+uses, makes a fresh network's output independent of its input (the signal shrinks several-fold per block), and
+a physics-trained network then sits for hundreds of steps on a uniform object. The trainer therefore rescales
+each convolution once, on a batch of training patterns, to unit output std (LSUV), with small stds for the
+heads so the untrained network starts near a uniform object with random texture (amplitude 0.5 +- ~0.07,
+phase +- ~0.3 rad). ``init="default"`` keeps PyTorch's init.
+
+Reconstruction error (:func:`reconstruction_error`): relative L2 error after removing each pattern's global
+phase (the one quantity far-field intensities can never determine). Its default window is the central
+``N/2 x N/2`` square, the part the network reconstructs well: the heads' main (sigmoid/tanh) path covers exactly
+that window (spec §3.4) and the outer ring is a coarse correction path. :class:`TrainResult` reports the errors
+over :func:`illuminated_window` - that square minus the pixels where the probe amplitude is below 10 % of its
+peak (the corners of the square, for the simulator's disc-shaped aperture): a single diffraction pattern
+carries no information about the object where no light falls, so no gridsize-1 network can reconstruct it there.
+
+MLflow is optional: :func:`train_model` imports it lazily and logs only into an already active run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from . import data as data_module
+from .bundle import resolve_device, save_torch_bundle
+from .data import PtychoDataset
+from .network import NetworkConfig, PtychoPINNNetwork
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "PhysicsScaling",
+    "ForwardModel",
+    "compute_scaling",
+    "far_field_amplitudes",
+    "predict_patches",
+    "reconstruction_error",
+    "illuminated_window",
+    "init_for_training",
+    "train_model",
+    "save_trained_bundle",
+    "train_demo_model",
+    "DEMO_STEPS",
+    "QUICK_DEMO_STEPS",
+]
+
+LOSSES = ("poisson", "mae")
+INITS = ("lsuv", "default")
+#: Patterns of the one forward pass :func:`init_for_training` rescales the layers on.
+_INIT_PATTERNS = 64
+#: Probe amplitude (fraction of its peak) below which a pixel counts as not illuminated.
+ILLUMINATION_THRESHOLD = 0.1
+#: Training steps of :func:`train_demo_model` (default and ``quick=True``).
+DEMO_STEPS = 200
+QUICK_DEMO_STEPS = 8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration and result
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train_model`; every field is logged as an MLflow param.
+
+    Defaults follow upstream where it has one (batch 16, Adam at 1e-3, Poisson loss, sigmoid amplitude,
+    ``probe.big``) except the network width (``n_filters_scale=1`` instead of 2, for CPU speed) and the
+    initialisation (``init="lsuv"``). :data:`DEMO_STEPS` steps reach a useful reconstruction of the simulator's
+    default scan (see :func:`train_demo_model` for measured figures).
+
+    Attributes:
+        N: Pattern size; must match the dataset (64, 128 or 256).
+        n_filters_scale: Width multiplier ``s`` of the network (upstream default 2; 1 has ~4x fewer weights).
+        steps: Optimizer steps (one batch each).
+        batch_size: Patterns per step.
+        learning_rate: Adam learning rate.
+        loss: ``"poisson"`` (NLL of the counts, upstream's default) or ``"mae"`` (on amplitudes).
+        seed: Seeds the network initialisation and the batch order; same seed, same data, same device ->
+            the same loss history.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``, ...
+        probe_big: Network's border path on (upstream default True).
+        amp_activation: Amplitude head activation, ``"sigmoid"`` (upstream default) or ``"swish"``.
+        nphotons: Photon budget per pattern for ``intensity_scale``; ``None`` = the measured mean total counts.
+        init: ``"lsuv"`` (data-dependent rescaling, see the module docstring) or ``"default"`` (PyTorch's init,
+            as upstream; trains much more slowly).
+        num_threads: torch CPU threads during training (restored afterwards); ``None`` keeps the current
+            setting. On a busy machine 1 thread can be several times faster than oversubscribed OpenMP threads.
+        log_every: Log the loss to MLflow every this many steps (and at the last step).
+        eval_batch_size: Patterns per forward pass when computing reconstruction errors.
+        progress: Show a tqdm progress bar with the step and the loss.
+    """
+
+    N: int = 64
+    n_filters_scale: int = 1
+    steps: int = DEMO_STEPS
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    loss: Literal["poisson", "mae"] = "poisson"
+    seed: int = 0
+    device: str = "auto"
+    probe_big: bool = True
+    amp_activation: str = "sigmoid"
+    nphotons: float | None = None
+    init: Literal["lsuv", "default"] = "lsuv"
+    num_threads: int | None = None
+    log_every: int = 10
+    eval_batch_size: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("N", "n_filters_scale", "steps", "batch_size", "log_every", "eval_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.N not in (64, 128, 256):
+            raise ValueError(f"TrainConfig.N={self.N} is not supported; the network takes N = 64, 128 or 256")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"TrainConfig.learning_rate must be a finite number > 0, got {lr!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss={self.loss!r} is not one of {LOSSES}")
+        if self.init not in INITS:
+            raise ValueError(f"TrainConfig.init={self.init!r} is not one of {INITS}")
+        if self.num_threads is not None and (
+            isinstance(self.num_threads, bool) or not isinstance(self.num_threads, (int, np.integer)) or self.num_threads < 1
+        ):
+            raise ValueError(f"TrainConfig.num_threads must be None or a positive integer, got {self.num_threads!r}")
+        if self.nphotons is not None:
+            nph = self.nphotons
+            if isinstance(nph, bool) or not isinstance(nph, (int, float)) or not (math.isfinite(nph) and nph > 0):
+                raise ValueError(f"TrainConfig.nphotons must be None or a finite number > 0, got {nph!r}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "TrainConfig":
+        """A smoke-test configuration that runs in seconds (:data:`QUICK_DEMO_STEPS` steps of 8); barely trains."""
+        return cls(**{"steps": QUICK_DEMO_STEPS, "batch_size": 8, **overrides})
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PhysicsScaling:
+    """The constants of the forward model (module docstring) for one training set."""
+
+    normalization_factor: float
+    nphotons: float
+    intensity_scale: float
+    photon_scale: float
+    photon_scale_source: Literal["dataset", "estimated"]
+
+    @property
+    def probe_factor(self) -> float:
+        """``f * photon_scale``: multiplies ``probeGuess`` into normalized-amplitude units."""
+        return self.normalization_factor * self.photon_scale
+
+    @property
+    def target_factor(self) -> float:
+        """``intensity_scale * f``: multiplies the raw amplitudes into the loss's amplitude units."""
+        return self.intensity_scale * self.normalization_factor
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_model` returns.
+
+    Attributes:
+        network: The trained network, in eval mode, on the training device.
+        config: The configuration used.
+        loss_history: Training loss after each step (``len == config.steps``).
+        intensity_scale: ``sqrt(nphotons / mean sum X**2)`` (spec §2.4), recorded in the bundle.
+        normalization_factor: ``f`` of the training set (spec §4.3). At inference pass the raw amplitudes with
+            scale = the same formula over *their* data (``normalize="dataset"``), see the module docstring.
+        nphotons: Photon budget per pattern used for ``intensity_scale``.
+        photon_scale: Amplitude factor of the forward model, and whether it came from the dataset or was
+            estimated (``photon_scale_source``).
+        error_before: :func:`reconstruction_error` of the untrained network on the test set (None without a
+            test set with ground truth).
+        error_after: The same for the trained network.
+        timings: Seconds spent: ``setup``, ``eval_before``, ``train``, ``eval_after``, ``total``; and
+            ``steps_per_second``.
+        n_train: Training patterns; ``n_test``: test patterns (0 without a test set).
+        device: Where the network was trained.
+        bundle_path: Set by :func:`train_demo_model` (and by :func:`save_trained_bundle`).
+    """
+
+    network: PtychoPINNNetwork
+    config: TrainConfig
+    loss_history: list[float]
+    intensity_scale: float
+    normalization_factor: float
+    nphotons: float
+    photon_scale: float
+    photon_scale_source: str
+    error_before: float | None
+    error_after: float | None
+    timings: dict[str, float]
+    n_train: int
+    n_test: int
+    device: str
+    bundle_path: Path | None = None
+
+    @property
+    def final_loss(self) -> float:
+        return self.loss_history[-1]
+
+    @property
+    def epochs(self) -> int:
+        """Passes over the training set, rounded up (recorded as ``nepochs`` in the bundle)."""
+        return max(1, math.ceil(self.config.steps * self.config.batch_size / max(1, self.n_train)))
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.config.steps} steps x {self.config.batch_size} ({self.config.loss}) on {self.device}",
+            f"{self.timings.get('train', float('nan')):.1f} s",
+            f"loss {self.loss_history[0]:.4g} -> {self.final_loss:.4g}",
+        ]
+        if self.error_before is not None and self.error_after is not None:
+            parts.append(f"test error {self.error_before:.3f} -> {self.error_after:.3f}")
+        return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Physics
+# ----------------------------------------------------------------------------------------------------------------
+def _mean_counts(diff3d: np.ndarray) -> float:
+    a = np.asarray(diff3d, dtype=np.float64)
+    return float(np.mean(np.sum(a * a, axis=(-2, -1))))
+
+
+def compute_scaling(dataset: PtychoDataset, nphotons: float | None = None) -> PhysicsScaling:
+    """The forward model's constants for ``dataset`` (see the module docstring for the formulas).
+
+    Raises:
+        ValueError: the dataset holds no counts, or its probe is zero.
+    """
+    diff = dataset.diff3d
+    measured = _mean_counts(diff)
+    if not measured > 0:
+        raise ValueError("The training diffraction patterns are all zero; there is nothing to train on.")
+    f = data_module.normalization_factor(diff)
+    nph = measured if nphotons is None else float(nphotons)
+    x_energy = measured * f * f  # mean sum X**2 with X = f * diff3d; (N/2)**2 up to rounding
+    intensity_scale = math.sqrt(nph / x_energy)
+    if dataset.photon_scale is not None:
+        photon_scale, source = float(dataset.photon_scale), "dataset"
+    else:
+        probe_energy = float(np.sum(np.abs(dataset.probeGuess.astype(np.complex128)) ** 2))
+        if not probe_energy > 0:
+            raise ValueError("`probeGuess` is zero everywhere; the forward model needs the illumination.")
+        photon_scale, source = math.sqrt(measured / probe_energy), "estimated"
+    return PhysicsScaling(
+        normalization_factor=float(f),
+        nphotons=float(nph),
+        intensity_scale=float(intensity_scale),
+        photon_scale=photon_scale,
+        photon_scale_source=source,
+    )
+
+
+def far_field_amplitudes(
+    patches: torch.Tensor, probe: torch.Tensor, scale: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """Differentiable torch twin of :func:`data.predict_amplitudes`: ``scale * |fftshift(fft2(probe*O))/N|``.
+
+    Args:
+        patches: complex ``(..., N, N)`` object patches.
+        probe: complex ``(N, N)`` illumination (broadcast over the leading axes).
+        scale: amplitude factor (the simulator's ``photon_scale`` to reproduce its data).
+
+    Returns:
+        real ``(..., N, N)`` amplitudes in the precision of the inputs (complex64 -> float32).
+    """
+    return _far_field(patches, probe, scale).abs()
+
+
+def _far_field(patches: torch.Tensor, probe: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    n = probe.shape[-1]
+    if patches.shape[-2:] != probe.shape[-2:] or probe.shape[-2] != n:
+        raise ValueError(
+            f"`patches` {tuple(patches.shape)} and `probe` {tuple(probe.shape)} must share the trailing (N, N) shape"
+        )
+    far = torch.fft.fftshift(torch.fft.fft2(patches * probe), dim=(-2, -1))
+    return far * (scale / n)
+
+
+class ForwardModel:
+    """The training physics: complex object patches -> amplitudes on the loss's scale (module docstring).
+
+    Args:
+        probe: the dataset's ``(N, N)`` complex ``probeGuess``.
+        scaling: from :func:`compute_scaling`.
+        device: where the probe lives.
+    """
+
+    def __init__(self, probe: np.ndarray, scaling: PhysicsScaling, device: torch.device | str = "cpu") -> None:
+        self.scaling = scaling
+        probe_n = np.asarray(probe).astype(np.complex128) * scaling.probe_factor
+        self.probe = torch.from_numpy(probe_n.astype(np.complex64)).to(device)
+        self.intensity_scale = float(scaling.intensity_scale)
+
+    def far_field(self, objects: torch.Tensor) -> torch.Tensor:
+        """Complex ``intensity_scale * fftshift(fft2(P_n * O)) / N`` for ``(B, N, N)`` or ``(B, 1, N, N)``."""
+        if objects.dim() == 4:
+            if objects.shape[1] != 1:
+                raise ValueError(f"gridsize 1 only: expected (B, 1, N, N) objects, got {tuple(objects.shape)}")
+            objects = objects[:, 0]
+        return _far_field(objects, self.probe, self.intensity_scale)
+
+    def amplitudes(self, objects: torch.Tensor) -> torch.Tensor:
+        """Predicted amplitudes ``A_pred``, real ``(B, N, N)``."""
+        return self.far_field(objects).abs()
+
+    def target_amplitudes(self, diff3d: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Measured raw amplitudes -> ``A_meas = intensity_scale * f * diff3d`` (float32 tensor)."""
+        if isinstance(diff3d, torch.Tensor):
+            return (diff3d.to(torch.float64) * self.scaling.target_factor).to(torch.float32)
+        return torch.from_numpy((np.asarray(diff3d, dtype=np.float64) * self.scaling.target_factor).astype(np.float32))
+
+
+#: Output std of the heads' final convolutions after :func:`init_for_training` (pre-activation): small, so
+#: the untrained network starts near a uniform object (amplitude ~0.5 +- 0.07, phase ~0 +- 0.3 rad).
+_HEAD_INIT_STD = {
+    "decoder_amp.amp.conv1": 0.3,
+    "decoder_amp.amp.conv2": 0.3,
+    "decoder_phase.phase.conv1": 0.1,
+    "decoder_phase.phase.conv2": 0.1,
+}
+
+
+def init_for_training(network: PtychoPINNNetwork, inputs: torch.Tensor, factor: float | torch.Tensor) -> None:
+    """Data-dependent initialisation (LSUV-style) of a fresh network, in place, before training.
+
+    PyTorch's default init (what upstream uses) shrinks the signal several-fold per conv + ReLU + attention
+    block, so a fresh network's output does not depend on its input at all (output std across patterns
+    ~1e-8): training then spends hundreds of steps on a constant object before any structure appears. Here
+    every ``Conv2d`` that has a bias gets a zero bias and its weights divided by its output std on
+    ``inputs`` (one forward pass, layer by layer in execution order), so each layer outputs unit std; the
+    heads' final convolutions get the small stds of ``_HEAD_INIT_STD`` instead. Weight directions stay the
+    seeded defaults, so the result is deterministic. Only the starting point changes: the architecture, the
+    state_dict and the bundle are those of an ordinary network.
+    """
+    hooks = []
+
+    def make_hook(target: float):
+        def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            std = float(output.std())
+            if not (std > 0 and math.isfinite(std)):
+                return output
+            module.weight.mul_(target / std)
+            return output * (target / std)
+
+        return hook
+
+    for name, module in network.named_modules():
+        # The SpatialGate's bias-free 7x7 conv is left as is: it feeds a sigmoid gate, not the signal path.
+        if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+            target = next((v for k, v in _HEAD_INIT_STD.items() if name.endswith(k)), 1.0)
+            with torch.no_grad():
+                module.bias.zero_()
+            hooks.append(module.register_forward_hook(make_hook(target)))
+    try:
+        with torch.no_grad():
+            network(inputs, factor)
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+def _poisson_offset(counts: torch.Tensor) -> torch.Tensor:
+    """``K log K - K`` (0 where K = 0): makes the Poisson NLL 0 at a perfect fit of noise-free data."""
+    safe = counts.clamp_min(1e-30)
+    return torch.where(counts > 0, counts * torch.log(safe) - counts, torch.zeros_like(counts))
+
+
+_POISSON_EPS = 1e-6
+
+
+def _loss(kind: str, far: torch.Tensor, target: torch.Tensor, counts: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    if kind == "poisson":
+        rate = far.real.square() + far.imag.square()
+        return (rate - counts * torch.log(rate + _POISSON_EPS) + offset).mean()
+    return (far.abs() - target).abs().mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def _as_numpy(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _window_mask(n: int, window: str | np.ndarray) -> np.ndarray:
+    if isinstance(window, str):
+        if window == "center":
+            mask = np.zeros((n, n), dtype=bool)
+            q = n // 4
+            mask[q : n - q, q : n - q] = True
+            return mask
+        if window == "full":
+            return np.ones((n, n), dtype=bool)
+        raise ValueError(f"`window`={window!r} must be 'center', 'full' or a boolean (N, N) mask")
+    mask = np.asarray(window)
+    if mask.dtype != bool or mask.shape != (n, n):
+        raise ValueError(f"`window` mask must be a boolean ({n}, {n}) array, got {mask.dtype} {mask.shape}")
+    if not mask.any():
+        raise ValueError("`window` mask selects no pixel")
+    return mask
+
+
+def illuminated_window(probe: Any, threshold: float = ILLUMINATION_THRESHOLD) -> np.ndarray:
+    """Boolean ``(N, N)`` mask: the central ``N/2 x N/2`` square where ``|probe| >= threshold * max|probe|``.
+
+    The window :class:`TrainResult`'s errors use (see the module docstring).
+    """
+    amp = np.abs(_as_numpy(probe, "probe"))
+    if amp.ndim != 2 or amp.shape[0] != amp.shape[1]:
+        raise ValueError(f"`probe` must be a square (N, N) array, got shape {amp.shape}")
+    peak = float(amp.max())
+    if not peak > 0:
+        raise ValueError("`probe` is zero everywhere; nothing is illuminated")
+    mask = _window_mask(amp.shape[0], "center") & (amp >= threshold * peak)
+    if not mask.any():
+        raise ValueError(f"no pixel of the central window has probe amplitude >= {threshold} x its peak")
+    return mask
+
+
+def reconstruction_error(
+    pred: Any, truth: Any, *, window: str | np.ndarray = "center", per_pattern: bool = True
+) -> float:
+    """Relative L2 error of complex patches after removing the global phase offset.
+
+    Each predicted pattern is multiplied by ``exp(-i*phi)`` with ``phi = angle(sum(pred * conj(truth)))`` over
+    the window - the phase that minimises ``||pred*exp(-i*phi) - truth||`` (least squares) - because
+    far-field intensities cannot determine a constant phase. The error is
+    ``sqrt(sum |aligned - truth|**2 / sum |truth|**2)`` pooled over all patterns and window pixels.
+
+    Args:
+        pred: complex ``(..., N, N)`` reconstructions (numpy or torch; a channel axis of 1 is fine).
+        truth: complex ground truth of the same shape.
+        window: ``"center"`` (default: the central ``N/2 x N/2`` pixels, rows and columns ``N//4 .. N-N//4-1``,
+            the region the network reconstructs well, see the module docstring), ``"full"``, or a boolean
+            ``(N, N)`` mask.
+        per_pattern: one phase per pattern (default; each pattern's phase is independently undetermined) or a
+            single phase for the whole stack.
+
+    Raises:
+        ValueError: shapes differ, the window is invalid, or the truth is zero in the window.
+    """
+    p = _as_numpy(pred, "pred")
+    t = _as_numpy(truth, "truth")
+    if p.shape != t.shape:
+        raise ValueError(f"`pred` shape {p.shape} does not match `truth` shape {t.shape}")
+    if p.ndim < 2 or p.shape[-1] != p.shape[-2]:
+        raise ValueError(f"`pred` must be (..., N, N) patches, got shape {p.shape}")
+    mask = _window_mask(p.shape[-1], window)
+    p = p.astype(np.complex128).reshape(-1, *p.shape[-2:])[:, mask]
+    t = t.astype(np.complex128).reshape(-1, *t.shape[-2:])[:, mask]
+    denom = float(np.sum(np.abs(t) ** 2))
+    if not denom > 0:
+        raise ValueError("`truth` is zero inside the window; the relative error is undefined")
+    overlap = np.sum(p * np.conj(t), axis=1) if per_pattern else np.sum(p * np.conj(t))
+    phase = np.exp(-1j * np.angle(overlap))
+    aligned = p * (phase[:, None] if per_pattern else phase)
+    return float(math.sqrt(float(np.sum(np.abs(aligned - t) ** 2)) / denom))
+
+
+def predict_patches(
+    network: PtychoPINNNetwork,
+    amplitudes: PtychoDataset | np.ndarray,
+    scale: float | None = None,
+    *,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Run ``network`` on raw amplitudes with the documented scale convention; complex64 ``(M, N, N)`` out.
+
+    Args:
+        network: a gridsize-1 network (left in its current train/eval mode).
+        amplitudes: a dataset or raw ``(M, N, N)`` amplitudes.
+        scale: the input factor; default ``data.normalization_factor`` of ``amplitudes`` (spec §4.3).
+        batch_size: patterns per forward pass.
+    """
+    diff = amplitudes.diff3d if isinstance(amplitudes, PtychoDataset) else np.asarray(amplitudes, dtype=np.float32)
+    if diff.ndim != 3:
+        raise ValueError(f"`amplitudes` must be (M, N, N), got shape {diff.shape}")
+    factor = data_module.normalization_factor(diff) if scale is None else float(scale)
+    device = next(network.parameters()).device
+    out = np.empty(diff.shape, dtype=np.complex64)
+    with torch.no_grad():
+        for start in range(0, diff.shape[0], batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(diff[start : start + batch_size, None], dtype=np.float32))
+            pred = network(x.to(device), factor)
+            out[start : start + batch_size] = pred[:, 0].cpu().numpy()
+    return out
+
+
+def _test_error(network: PtychoPINNNetwork, test: PtychoDataset | None, batch_size: int) -> float | None:
+    if test is None or test.ground_truth_patches is None:
+        return None
+    was_training = network.training
+    network.eval()
+    try:
+        pred = predict_patches(network, test, batch_size=batch_size)
+    finally:
+        network.train(was_training)
+    return reconstruction_error(pred, test.ground_truth_patches, window=illuminated_window(test.probeGuess))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MLflow (optional)
+# ----------------------------------------------------------------------------------------------------------------
+def _mlflow_for_logging(mode: bool | None) -> Any:
+    """The mlflow module when logging should happen, else None (MLflow is optional)."""
+    if mode is False:
+        return None
+    if mode is not None and mode is not True:
+        raise ValueError(f"`mlflow_logging` must be None (log into an active run), True or False, got {mode!r}")
+    if mode is None and "mlflow" not in sys.modules:
+        # A run can only be active if this process imported MLflow (its run stack is in-process), so skip
+        # the import - a few seconds - when nobody did.
+        return None
+    try:
+        import mlflow  # noqa: PLC0415 - optional dependency, imported lazily
+    except ImportError as exc:
+        if mode is True:
+            raise ValueError("mlflow_logging=True but MLflow is not installed; pip install mlflow") from exc
+        return None
+    if mlflow.active_run() is None:
+        if mode is True:
+            raise ValueError(
+                "mlflow_logging=True but no MLflow run is active; wrap the call in `with mlflow.start_run():`"
+            )
+        return None
+    return mlflow
+
+
+def _log_params(mlflow: Any, config: TrainConfig, scaling: PhysicsScaling, n_train: int, n_test: int) -> None:
+    params = {k: ("None" if v is None else v) for k, v in config.to_dict().items()}
+    params.update(
+        intensity_scale=scaling.intensity_scale,
+        normalization_factor=scaling.normalization_factor,
+        nphotons_used=scaling.nphotons,
+        photon_scale=scaling.photon_scale,
+        photon_scale_source=scaling.photon_scale_source,
+        n_train_patterns=n_train,
+        n_test_patterns=n_test,
+        gridsize=1,
+    )
+    mlflow.log_params(params)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------
+def _batch_schedule(n_patterns: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+    """``(steps, batch_size)`` indices: consecutive chunks of seeded permutations (one per epoch)."""
+    rng = np.random.default_rng(seed)
+    needed = steps * batch_size
+    epochs = math.ceil(needed / n_patterns)
+    stream = np.concatenate([rng.permutation(n_patterns) for _ in range(epochs)])
+    return stream[:needed].reshape(steps, batch_size)
+
+
+def _check_dataset(dataset: Any, name: str, n: int) -> PtychoDataset:
+    if not isinstance(dataset, PtychoDataset):
+        raise TypeError(f"`{name}` must be a PtychoDataset (see data.load_npz/simulate_dataset), got {type(dataset).__name__}")
+    if dataset.N != n:
+        raise ValueError(f"`{name}` has N={dataset.N} patterns but TrainConfig.N={n}; set TrainConfig(N={dataset.N})")
+    return dataset
+
+
+def train_model(
+    dataset: PtychoDataset,
+    config: TrainConfig = TrainConfig(),
+    *,
+    test_dataset: PtychoDataset | None = None,
+    mlflow_logging: bool | None = None,
+) -> TrainResult:
+    """Train a gridsize-1 PtychoPINN network on ``dataset`` with the physics loss of the module docstring.
+
+    Args:
+        dataset: training patterns (only ``diff3d`` and ``probeGuess`` are used, plus ``photon_scale`` when set).
+        config: hyper-parameters.
+        test_dataset: held-out patterns with ``ground_truth_patches``; the reconstruction error on them is
+            reported before and after training (None without one).
+        mlflow_logging: ``None`` (default) logs params and metrics into the active MLflow run when MLflow is
+            installed and a run is active, and does nothing otherwise (no run is started, no ``mlruns`` folder
+            is created); ``True`` requires an active run; ``False`` never logs.
+
+    Returns:
+        A :class:`TrainResult` with the trained network in eval mode.
+
+    Raises:
+        TypeError: ``dataset`` is not a :class:`PtychoDataset`.
+        ValueError: config/dataset mismatch (e.g. N), empty counts, or ``mlflow_logging=True`` without a run.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"`config` must be a TrainConfig, got {type(config).__name__}")
+    t_start = time.perf_counter()
+    _check_dataset(dataset, "dataset", config.N)
+    if test_dataset is not None:
+        _check_dataset(test_dataset, "test_dataset", config.N)
+    mlflow = _mlflow_for_logging(mlflow_logging)
+    device = resolve_device(config.device)
+    with _torch_threads(config.num_threads):
+        return _train(dataset, config, test_dataset, mlflow, device, t_start)
+
+
+@contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run with ``count`` torch CPU threads, then restore the previous setting (None: leave it alone)."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(
+    dataset: PtychoDataset,
+    config: TrainConfig,
+    test_dataset: PtychoDataset | None,
+    mlflow: Any,
+    device: torch.device,
+    t_start: float,
+) -> TrainResult:
+    scaling = compute_scaling(dataset, config.nphotons)
+    n_train = dataset.n_patterns
+    n_test = 0 if test_dataset is None else test_dataset.n_patterns
+
+    physics = ForwardModel(dataset.probeGuess, scaling, device)
+    inputs = torch.from_numpy(np.ascontiguousarray(dataset.diff3d[:, None])).to(device)
+    target = physics.target_amplitudes(dataset.diff3d).to(device)
+    counts = target.square()
+    offset = _poisson_offset(counts)
+    factor = torch.tensor(scaling.normalization_factor, dtype=torch.float32, device=device)
+    schedule = torch.from_numpy(_batch_schedule(n_train, config.batch_size, config.steps, config.seed))
+
+    net_config = NetworkConfig(
+        N=config.N,
+        C_model=1,
+        n_filters_scale=int(config.n_filters_scale),
+        object_big=True,
+        probe_big=bool(config.probe_big),
+        amp_activation=config.amp_activation,
+        mode="Unsupervised",
+        intensity_scale_trainable=False,
+        intensity_scale=scaling.intensity_scale,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(int(config.seed))
+        network = PtychoPINNNetwork(net_config)
+    network.to(device)
+    if config.init == "lsuv":
+        sample = np.sort(np.random.default_rng(config.seed).permutation(n_train)[:_INIT_PATTERNS])
+        init_for_training(network, inputs[torch.from_numpy(sample).to(device)], factor)
+    timings: dict[str, float] = {"setup": time.perf_counter() - t_start}
+
+    if mlflow is not None:
+        _log_params(mlflow, config, scaling, n_train, n_test)
+
+    t0 = time.perf_counter()
+    error_before = _test_error(network, test_dataset, config.eval_batch_size)
+    timings["eval_before"] = time.perf_counter() - t0
+
+    optimizer = torch.optim.Adam(network.parameters(), lr=float(config.learning_rate))
+    network.train()
+    losses: list[float] = []
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(total=config.steps, desc="train", unit="step", disable=not config.progress, leave=True) as bar:
+        for step in range(config.steps):
+            idx = schedule[step].to(device)
+            objects = network(inputs[idx], factor)
+            far = physics.far_field(objects)
+            loss = _loss(config.loss, far, target[idx], counts[idx], offset[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"training loss became {value} at step {step}; lower TrainConfig.learning_rate "
+                    f"(now {config.learning_rate})"
+                )
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            bar.update(1)
+            if mlflow is not None and (step % config.log_every == 0 or step == config.steps - 1):
+                mlflow.log_metric("train_loss", value, step=step)
+    timings["train"] = time.perf_counter() - t0
+    network.eval()
+
+    t0 = time.perf_counter()
+    error_after = _test_error(network, test_dataset, config.eval_batch_size)
+    timings["eval_after"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    timings["steps_per_second"] = config.steps / timings["train"] if timings["train"] > 0 else float("inf")
+
+    if mlflow is not None:
+        metrics = {"train_seconds": timings["train"], "steps_per_second": timings["steps_per_second"]}
+        if error_before is not None:
+            metrics["error_before"] = error_before
+        if error_after is not None:
+            metrics["error_after"] = error_after
+        mlflow.log_metrics(metrics, step=config.steps)
+
+    return TrainResult(
+        network=network,
+        config=config,
+        loss_history=losses,
+        intensity_scale=scaling.intensity_scale,
+        normalization_factor=scaling.normalization_factor,
+        nphotons=scaling.nphotons,
+        photon_scale=scaling.photon_scale,
+        photon_scale_source=scaling.photon_scale_source,
+        error_before=error_before,
+        error_after=error_after,
+        timings=timings,
+        n_train=n_train,
+        n_test=n_test,
+        device=str(device),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and the demo entry point
+# ----------------------------------------------------------------------------------------------------------------
+def bundle_params(result: TrainResult, output_prefix: str | None = None) -> dict[str, Any]:
+    """The legacy ``params.cfg`` values :func:`save_trained_bundle` records (upstream key names)."""
+    cfg = result.config
+    poisson = cfg.loss == "poisson"
+    params: dict[str, Any] = {
+        "N": int(cfg.N),
+        "gridsize": 1,
+        "n_filters_scale": int(cfg.n_filters_scale),
+        "model_type": "pinn",
+        "architecture": "cnn",
+        "amp_activation": cfg.amp_activation,
+        "object.big": True,
+        "probe.big": bool(cfg.probe_big),
+        "intensity_scale.trainable": False,
+        "nphotons": float(result.nphotons),
+        "nepochs": int(result.epochs),
+        "batch_size": int(cfg.batch_size),
+        "learning_rate": float(cfg.learning_rate),
+        "n_groups": int(result.n_train),
+        "subsample_seed": int(cfg.seed),
+        "torch_loss_mode": cfg.loss,
+        "nll_weight": 1.0 if poisson else 0.0,
+        "mae_weight": 0.0 if poisson else 1.0,
+        "optimizer": "adam",
+        "backend": "pytorch",
+        "probe.trainable": False,
+    }
+    if output_prefix is not None:
+        params["output_prefix"] = output_prefix
+    return params
+
+
+def save_trained_bundle(result: TrainResult, path: str | Path) -> Path:
+    """Write ``result.network`` as a ``wts.h5.zip`` with a full params snapshot and its ``intensity_scale``.
+
+    Args:
+        result: from :func:`train_model`.
+        path: ``out/wts.h5.zip``, ``out/wts.h5`` or a directory (see :func:`bundle.save_torch_bundle`).
+
+    Returns:
+        The archive written (also stored in ``result.bundle_path``). Load it with
+        ``load_torch_bundle(path)`` and predict with ``network(raw_amplitudes, normalization_factor(raw))``.
+    """
+    if not isinstance(result, TrainResult):
+        raise TypeError(f"`result` must be a TrainResult from train_model, got {type(result).__name__}")
+    target = Path(path)
+    prefix = str(target if target.suffix == "" and not target.name.endswith(".h5") else target.parent)
+    written = save_torch_bundle(
+        result.network, target, bundle_params(result, prefix), intensity_scale=float(result.intensity_scale)
+    )
+    result.bundle_path = written
+    return written
+
+
+def train_demo_model(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    device: str = "auto",
+    num_threads: int | None = None,
+    mlflow_logging: bool | None = None,
+) -> TrainResult:
+    """Simulate a scan, train on 80 % of it, save ``out_dir/wts.h5.zip``, report the error on the other 20 %.
+
+    The default (N=64, 256 patterns of 10**6 photons, ``n_filters_scale=1``, :data:`DEMO_STEPS` steps of 16)
+    takes about a minute on two CPU cores; ``quick=True`` (64 patterns, :data:`QUICK_DEMO_STEPS` steps) a few
+    seconds, for smoke tests (the model is then barely trained). The held-out patterns are also written to
+    ``out_dir/test_data.npz`` (upstream's NPZ schema with ground truth ``Y``), for trying inference.
+
+    Args:
+        out_dir: folder for ``wts.h5.zip`` and ``test_data.npz`` (created if missing).
+        seed: seeds the simulation, the split and the training.
+        steps: override the number of training steps.
+        quick: the fast smoke-test variant.
+        progress: show the training progress bar.
+        device: training device (``"auto"``, ``"cpu"``, ``"cuda:0"``).
+        num_threads: torch CPU threads for training (see :class:`TrainConfig`).
+        mlflow_logging: see :func:`train_model`.
+
+    Returns:
+        The :class:`TrainResult`, with ``bundle_path`` set.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_scan = (8, 8) if quick else (16, 16)
+    dataset = data_module.simulate_dataset(N=64, n_scan=n_scan, nphotons=1e6, seed=seed)
+    train, test = data_module.train_test_split(dataset, test_fraction=0.2, seed=seed)
+    base = TrainConfig.quick if quick else TrainConfig
+    config = base(N=64, seed=seed, progress=progress, device=device, num_threads=num_threads)
+    if steps is not None:
+        config = config.replace(steps=steps)
+    result = train_model(train, config, test_dataset=test, mlflow_logging=mlflow_logging)
+    save_trained_bundle(result, out / "wts.h5.zip")
+    data_module.save_npz(test, out / "test_data.npz")
+    return result
