@@ -96,12 +96,12 @@ def run_demo(
         registered_model_name: registry name; the new version gets the alias ``champion``.
     """
     import mlflow
-    import torch
 
     import mlflow_ptycho_flavor  # noqa: F401  (mlflow.ptycho_torch)
 
     from .bundle import load_torch_bundle
     from .data import normalization_factor, save_npz, simulate_dataset, train_test_split
+    from .inference import PtychoTorchModel
     from .plotting import save_reconstruction_figure
     from .stitching import crop_to_object, stitch_patches
     from .train import TrainConfig, save_trained_bundle, train_model
@@ -151,8 +151,8 @@ def run_demo(
         factor = normalization_factor(dataset.diff3d)
         diffraction = dataset.diff3d[:, None]
         patches = pyfunc_model.predict({"diffraction": diffraction, "scale": np.full(len(diffraction), factor)})
-        with torch.inference_mode():
-            direct = standalone(torch.from_numpy(diffraction), torch.full((len(diffraction), 1, 1, 1), factor)).numpy()
+        # The zip taken out of MLflow, loaded without MLflow, batched the same way: identical numbers expected.
+        direct = PtychoTorchModel(network=standalone, params=_params).predict(diffraction, factor)
         identical = bool(np.array_equal(patches, direct))
         stitched = stitch_patches(patches[:, 0], dataset.offsets, centre="integer")
         recon, covered = crop_to_object(stitched, dataset.objectGuess.shape)
