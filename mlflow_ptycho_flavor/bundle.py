@@ -925,9 +925,9 @@ def _split_models(models: Any) -> tuple[PtychoPINNNetwork, Any]:
 
 def _zip_info(name: str) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    # Weights are stored, not deflated: deflate saves ~9% on float32 weights but inflating them is the largest
-    # single cost of a load (benchmarks/RESULTS.md). Both methods are plain zip; upstream reads either.
-    info.compress_type = zipfile.ZIP_STORED if name.endswith("model.pth") else zipfile.ZIP_DEFLATED
+    # Every member deflated, as upstream writes them. (Storing model.pth uncompressed loads faster, but a file cut
+    # short inside it would expose the nested torch zip's own directory to zip readers.)
+    info.compress_type = zipfile.ZIP_DEFLATED
     info.external_attr = (stat.S_IFREG | 0o644) << 16
     return info
 
