@@ -597,9 +597,10 @@ def overhead_experiments(cfg: Config, timer: Timer, pm, native, x: np.ndarray, b
         # proposal 1: resolve the device once (at construction / .to()) instead of per call
         return self.__dict__.get("_cached_device") or next(self.network.parameters()).device
 
-    def predict_prepared_no_copy(self, amplitudes, factors, *, batch_size=inference_module.DEFAULT_BATCH_SIZE,
-                                 progress=False):
+    def predict_prepared_no_copy(self, amplitudes, factors, *, batch_size=None, progress=False):
         # proposal 2: a single batch returns the network's output directly (no np.empty + copy)
+        if batch_size is None:  # the library's device-dependent default
+            batch_size = inference_module.default_batch_size(self.device)
         total = amplitudes.shape[0]
         if 0 < total <= batch_size and not progress:
             device = self.device
@@ -1318,9 +1319,12 @@ def bench_scaling(cfg: Config, timer: Timer, models: dict[int, ModelSet], pyfunc
 
 
 def _default_batch_size() -> int:
-    from mlflow_ptycho_flavor.inference import DEFAULT_BATCH_SIZE
+    """The library's default chunk on CPU (what an unconfigured predict uses there)."""
+    import torch as _torch
 
-    return DEFAULT_BATCH_SIZE
+    from mlflow_ptycho_flavor.inference import default_batch_size
+
+    return default_batch_size(_torch.device("cpu"))
 
 
 # ================================================================================================================
