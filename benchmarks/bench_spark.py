@@ -1,4 +1,4 @@
-"""Throughput of Spark batch inference (``mlflow_ptycho_flavor.spark``) against in-process pyfunc predict.
+"""Throughput of Spark batch inference (``mlflow_ptycho_flavor.flavor.spark``) against in-process pyfunc predict.
 
 :func:`benchmark_spark` returns one row (a dict) per backend: in-process ``pyfunc.predict``, then
 ``spark_predict`` on each local master. Every Spark row is checked against the in-process result
@@ -76,7 +76,7 @@ def benchmark_spark(
     from mlflow.models import Model
     from pyspark.sql import SparkSession
 
-    from mlflow_ptycho_flavor.spark import local_spark_session, spark_predict
+    from mlflow_ptycho_flavor.flavor.spark import local_spark_session, spark_predict
 
     if SparkSession.getActiveSession() is not None:
         raise RuntimeError("stop the running SparkSession first: the benchmark starts one per master")

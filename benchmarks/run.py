@@ -518,8 +518,8 @@ def bench_overhead(cfg: Config, timer: Timer, models: dict[int, ModelSet], pyfun
     """
     import torch
 
-    import mlflow_ptycho_flavor.inference as inference_module
-    from mlflow_ptycho_flavor.inference import PtychoTorchModel
+    import mlflow_ptycho_flavor.model.inference as inference_module
+    from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 
     gridsize = min(models)
     pm = pyfuncs[gridsize]
@@ -587,7 +587,7 @@ def overhead_experiments(cfg: Config, timer: Timer, pm, native, x: np.ndarray, b
     """Monkeypatch candidate library changes and measure pyfunc predict before/after (forward stubbed)."""
     import torch
 
-    from mlflow_ptycho_flavor.inference import PtychoTorchModel
+    from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 
     original_device = PtychoTorchModel.__dict__["device"]
     original_predict_prepared = PtychoTorchModel.predict_prepared
@@ -862,7 +862,7 @@ class ServerPair:
     """Both scoring servers, started side by side in background threads (``wait`` joins them)."""
 
     def __init__(self, cfg: Config, model_set: ModelSet, work: Path) -> None:
-        from mlflow_ptycho_flavor.serving import ModelServer
+        from serving_tools import ModelServer
 
         ref_dir = model_set.pt2_dir if cfg.device == "cpu" else model_set.pickle_dir
         env = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": cfg.device}
@@ -913,7 +913,7 @@ def serving_model_set(models: dict[int, ModelSet]) -> ModelSet:
 
 def bench_serving(cfg: Config, timer: Timer, models: dict[int, ModelSet], pyfuncs: dict[int, Any], work: Path,
                   summary: Summary, pair: ServerPair | None = None) -> Section:
-    from mlflow_ptycho_flavor.serving import run_load
+    from serving_tools import run_load
 
     model_set = serving_model_set(models)
     C, N = model_set.channels, model_set.N
@@ -999,7 +999,7 @@ def base64_output():
     ``np.frombuffer(base64.b64decode(s), "<f4").reshape(shape)``. Here it replaces ``real_imag``."""
     import base64
 
-    import mlflow_ptycho_flavor.pyfunc as pyfunc_module
+    import mlflow_ptycho_flavor.flavor.pyfunc_model as pyfunc_module
 
     original = pyfunc_module.encode_output
 
@@ -1322,7 +1322,7 @@ def _default_batch_size() -> int:
     """The library's default chunk on CPU (what an unconfigured predict uses there)."""
     import torch as _torch
 
-    from mlflow_ptycho_flavor.inference import default_batch_size
+    from mlflow_ptycho_flavor.model.inference import default_batch_size
 
     return default_batch_size(_torch.device("cpu"))
 

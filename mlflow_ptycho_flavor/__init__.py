@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _mlflow_hook
-from .bundle import BundleLimits, load_torch_bundle, read_bundle, save_torch_bundle
-from .errors import (
+#: The flavor's name in MLmodel files and the ``mlflow.<name>`` alias (defined before any submodule is imported).
+FLAVOR_NAME = "ptycho_torch"
+
+from mlflow_ptycho_flavor import _mlflow_hook  # noqa: E402
+from mlflow_ptycho_flavor.bundle import BundleLimits, load_torch_bundle, read_bundle, save_torch_bundle
+from mlflow_ptycho_flavor.errors import (
     ArchitectureEraError,
     BundleError,
     ConfigMismatchError,
@@ -34,12 +37,11 @@ from .errors import (
     UnsafeBundleError,
     UnsupportedBundleError,
 )
-from .inference import PtychoTorchModel
-from .network import NetworkConfig, PtychoPINNNetwork
-from .params import restore_params
+from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
+from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
+from mlflow_ptycho_flavor.bundle.params import restore_params
 
 __version__ = "0.1.0"
-FLAVOR_NAME = "ptycho_torch"
 
 __all__ = [
     "FLAVOR_NAME",
@@ -84,11 +86,11 @@ _FLAVOR_ATTRIBUTES = {
 def __getattr__(name: str) -> Any:
     """Import the MLflow side lazily, so the standalone loader never pays for (or needs) MLflow."""
     if name in _FLAVOR_ATTRIBUTES:
-        from . import flavor
+        from mlflow_ptycho_flavor import flavor
 
         return getattr(flavor, name)
     if name == "spark_predict":
-        from .spark import spark_predict
+        from mlflow_ptycho_flavor.flavor.spark import spark_predict
 
         return spark_predict
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -96,7 +98,7 @@ def __getattr__(name: str) -> Any:
 
 def _load_pyfunc(path: str, model_config: dict | None = None):
     """pyfunc loader entry point (``loader_module: mlflow_ptycho_flavor`` in MLmodel)."""
-    from .flavor import _load_pyfunc as load
+    from mlflow_ptycho_flavor.flavor import _load_pyfunc as load
 
     return load(path, model_config)
 

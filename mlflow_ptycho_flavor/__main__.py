@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from mlflow_ptycho_flavor.cli import main
 
 sys.exit(main())

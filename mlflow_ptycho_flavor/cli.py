@@ -35,22 +35,18 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _is_bundle_path(target: str) -> bool:
-    path = Path(target)
-    return path.suffix == ".zip" or path.name.endswith(".h5") or path.is_file()
-
-
 def _load_any(target: str, device: str | None):
-    """A PtychoTorchModel from a bundle path, a model directory or any MLflow model URI."""
-    if _is_bundle_path(target):
-        from .bundle import resolve_bundle_path
-        from .flavor import _load_native
+    """A PtychoTorchModel from a bundle path (no MLflow needed), a model directory or any MLflow model URI."""
+    from mlflow_ptycho_flavor.bundle import looks_like_bundle_path, resolve_bundle_path
+
+    if looks_like_bundle_path(target):
+        from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 
         path = resolve_bundle_path(target)
         if not path.exists():
             raise CliError(f"no bundle at {path}")
-        return _load_native(path, device)
-    from .flavor import load_model
+        return PtychoTorchModel.from_bundle(path, device)
+    from mlflow_ptycho_flavor.flavor import load_model
 
     if "://" not in target and ":" not in target.split("/")[0] and not Path(target).exists():
         raise CliError(f"{target!r} is neither a file, a model directory, nor a models:/ or runs:/ URI")
@@ -91,21 +87,20 @@ def _experiment(name: str, artifact_root: Path | None) -> str:
 # commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .bundle import read_bundle, resolve_bundle_path
+    from mlflow_ptycho_flavor.bundle import looks_like_bundle_path, read_bundle, resolve_bundle_path
+    from mlflow_ptycho_flavor.network import describe_architecture
 
     target = args.target
     model_dir = None
-    if not _is_bundle_path(target):
-        from . import _mlflow_env
-        from .flavor import FLAVOR_NAME
+    if not looks_like_bundle_path(target):
+        from mlflow_ptycho_flavor import FLAVOR_NAME
+        from mlflow_ptycho_flavor.flavor import env as _mlflow_env
 
         model_dir = _mlflow_env.download_model(target, None)
         conf = _mlflow_env.flavor_configuration(model_dir, FLAVOR_NAME)
         target = os.path.join(model_dir, conf.get("bundle", "wts.h5.zip"))
     contents = read_bundle(resolve_bundle_path(target))
     network = contents.build_network("cpu", adopt_weights=True)
-    n_params = sum(p.numel() for p in network.parameters())
-    cfg = contents.network_config
     report = {
         "bundle": str(contents.path),
         "bytes": contents.path.stat().st_size,
@@ -113,23 +108,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "version": contents.version,
         "backend": contents.backend,
         "scaling_metadata": contents.metadata is not None,
-        "N": cfg.N,
+        **describe_architecture(contents.network_config),
         "gridsize": contents.params["gridsize"],
-        "channels": cfg.channels,
-        "n_filters_scale": cfg.n_filters_scale,
-        "architecture": cfg.architecture,
-        "mode": cfg.mode,
-        "output_mode": cfg.effective_output_mode,
-        "object_big": cfg.object_big,
-        "probe_big": cfg.probe_big,
-        "amp_activation": cfg.amp_activation,
-        "batch_norm": cfg.batch_norm,
-        "shared_decoder": cfg.use_shared_decoder,
-        "cbam_encoder/bottleneck": f"{cfg.cbam_encoder}/{cfg.cbam_bottleneck}",
         "intensity_scale (params)": contents.intensity_scale,
-        "fixed input scale": network.uses_fixed_input_scale,
         "state_dict keys": len(contents.state_dict),
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in network.parameters()),
         "hashes verified": (
             f"{len(contents.hashes_verified)}/{len(contents.manifest.get('sha256') or {})}"
             if contents.manifest.get("sha256")
@@ -150,7 +133,7 @@ def _predict_dataset(model, dataset, *, batch_size: int, stitch: bool, scale: st
     """Group (CONFIG-001: the global holds the bundle's params), predict, optionally stitch."""
     import numpy as np
 
-    from .grouping import group_patterns
+    from mlflow_ptycho_flavor.model.grouping import group_patterns
 
     groups = group_patterns(dataset.diff3d, dataset.xcoords, dataset.ycoords)
     normalize, factor = "none", None
@@ -164,7 +147,7 @@ def _predict_dataset(model, dataset, *, batch_size: int, stitch: bool, scale: st
     patches = model.predict(groups.diffraction, factor, batch_size=batch_size, normalize=normalize, progress=True)
     stitched = None
     if stitch:
-        from .stitching import stitch_patches
+        from mlflow_ptycho_flavor.model.stitching import stitch_patches
 
         stitched = stitch_patches(patches, groups.positions if groups.positions.shape[1] > 1 else groups.positions[:, 0])
     return groups, np.asarray(patches), stitched
@@ -173,7 +156,8 @@ def _predict_dataset(model, dataset, *, batch_size: int, stitch: bool, scale: st
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .data import load_npz
+    from mlflow_ptycho_flavor._io import atomic_write
+    from mlflow_ptycho_flavor.sim.dataset import load_npz
 
     dataset = load_npz(args.data)
     model = _load_any(args.model, args.device)
@@ -189,24 +173,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     }
     if stitched is not None:
         arrays.update(object=stitched.obj, coverage=stitched.coverage, origin=np.asarray(stitched.origin))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    out = atomic_write(args.output, lambda handle: np.savez(handle, **arrays))
     print(f"predicted {patches.shape[0]} patch groups of shape {patches.shape[1:]} in {elapsed:.2f} s -> {out}")
     if args.png:
         if stitched is None:
             raise CliError("--png needs the stitched object; drop --patches-only")
-        from .plotting import save_reconstruction_figure
+        from mlflow_ptycho_flavor.sim.plotting import save_reconstruction_figure
 
         truth = mask = None
         recon = stitched.obj
         if dataset.objectGuess is not None:
-            from .stitching import crop_to_object
+            from mlflow_ptycho_flavor.model.stitching import crop_to_object
 
             recon, mask = crop_to_object(stitched, dataset.objectGuess.shape)
             truth = dataset.objectGuess
@@ -218,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_log(args: argparse.Namespace) -> int:
     import mlflow
 
-    from .flavor import log_model
+    from mlflow_ptycho_flavor.flavor import log_model
 
     bundle = Path(args.bundle)
     if not bundle.exists():
@@ -258,7 +235,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .data import save_npz, simulate_dataset
+    from mlflow_ptycho_flavor.sim.dataset import save_npz
+    from mlflow_ptycho_flavor.sim.simulate import simulate_dataset
 
     dataset = simulate_dataset(N=args.N, nphotons=args.nphotons, seed=args.seed)
     save_npz(dataset, args.output)
@@ -268,19 +246,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_spark_predict(args: argparse.Namespace) -> int:
     try:
-        from .spark import run_batch_inference
+        from mlflow_ptycho_flavor.flavor.spark_job import run_batch_inference
     except ImportError as exc:
         raise CliError(f"spark-predict needs pyspark: pip install 'mlflow-ptycho-flavor[spark]' ({exc})") from exc
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CliError(f"--batch-size must be a positive integer, got {args.batch_size}")
     stats = run_batch_inference(
         args.model_uri, args.input, args.output, master=args.master, output_format=args.output_format,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, normalize=args.normalize, input_kind=args.input_kind,
+        env_manager=args.env_manager, overwrite=args.overwrite,
     )
     _print_table(list(stats.items()))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from mlflow_ptycho_flavor.demo import run_demo
 
     summary = run_demo(
         args.out_dir,
@@ -378,9 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
     spark.add_argument("model_uri", help="models:/name@alias, runs:/..., or a model directory")
     spark.add_argument("input", help="NPZ (upstream schema) or Parquet in the documented layout")
     spark.add_argument("output", help="Parquet output")
-    spark.add_argument("--master", default="local[*]", help="Spark master (default: %(default)s)")
-    spark.add_argument("--output-format", default="real_imag", choices=["real_imag", "amp_phase"])
-    spark.add_argument("--batch-size", type=int, default=None, help="rows per Arrow batch")
+    spark.add_argument("--master", default=None,
+                       help="Spark master of the session started here, e.g. 'local[4]' (default: the master "
+                            "spark-submit was given when run under it, else local[*])")
+    spark.add_argument("--output-format", default="real_imag", choices=["real_imag", "amp_phase"],
+                       help="result columns: real/imag (lossless, default) or amplitude/phase")
+    spark.add_argument("--batch-size", type=int, default=None,
+                       help="rows per pyfunc call (spark.sql.execution.arrow.maxRecordsPerBatch) and network chunk")
+    spark.add_argument("--normalize", default="none", choices=["none", "dataset"],
+                       help="dataset: upstream's normalization factor over the whole NPZ (computed on the driver)")
+    spark.add_argument("--input-kind", default="amplitude", choices=["amplitude", "intensity"],
+                       help="intensity: the patterns are raw counts (square-rooted before the network)")
+    spark.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"],
+                       help="local: executors use this Python environment; otherwise MLflow rebuilds the model's")
+    spark.add_argument("--overwrite", action="store_true", help="replace an existing output")
     spark.set_defaults(func=cmd_spark_predict)
     return parser
 
@@ -389,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ptycho-flavor`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .errors import PtychoFlavorError
+    from mlflow_ptycho_flavor.errors import PtychoFlavorError
 
     try:
         from mlflow.exceptions import MlflowException
@@ -398,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CliError, PtychoFlavorError, MlflowException, FileNotFoundError, IsADirectoryError,
-            PermissionError, ValueError) as exc:
+            PermissionError) as exc:
         message = getattr(exc, "message", None) or str(exc)
         print(f"error: {message.strip().splitlines()[0] if message.strip() else type(exc).__name__}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,6 +9,7 @@ ground truth in a PNG.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -16,29 +17,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["run_demo", "phase_aligned_error", "align_global_phase"]
+__all__ = ["run_demo"]
 
 DEMO_EXPERIMENT = "ptycho-demo"
-
-
-def align_global_phase(reconstruction: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Multiply ``reconstruction`` by the constant phase ``e^{iφ}`` that best matches ``truth`` over ``mask``.
-
-    Ptychography determines the object only up to a constant phase; this removes it before comparing or plotting.
-    """
-    r = reconstruction[mask] if mask is not None else reconstruction.ravel()
-    t = truth[mask] if mask is not None else truth.ravel()
-    overlap = np.vdot(r, t)  # sum conj(r) * t
-    phase = overlap / abs(overlap) if abs(overlap) > 0 else 1.0
-    return (reconstruction * phase).astype(reconstruction.dtype)
-
-
-def phase_aligned_error(reconstruction: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Relative L2 error ``|e^{iφ}·r - t| / |t|`` over ``mask`` after removing the global phase."""
-    aligned = align_global_phase(reconstruction, truth, mask)
-    r = aligned[mask] if mask is not None else aligned.ravel()
-    t = truth[mask] if mask is not None else truth.ravel()
-    return float(np.linalg.norm(r - t) / max(np.linalg.norm(t), 1e-30))
 
 
 def _interior(mask: np.ndarray, margin: int) -> np.ndarray:
@@ -99,12 +80,14 @@ def run_demo(
 
     import mlflow_ptycho_flavor  # noqa: F401  (mlflow.ptycho_torch)
 
-    from .bundle import load_torch_bundle
-    from .data import normalization_factor, save_npz, simulate_dataset, train_test_split
-    from .inference import PtychoTorchModel
-    from .plotting import save_reconstruction_figure
-    from .stitching import crop_to_object, stitch_patches
-    from .train import TrainConfig, save_trained_bundle, train_model
+    from mlflow_ptycho_flavor.bundle import load_torch_bundle
+    from mlflow_ptycho_flavor.sim.dataset import normalization_factor, save_npz, train_test_split
+    from mlflow_ptycho_flavor.sim.metrics import align_global_phase, reconstruction_error
+    from mlflow_ptycho_flavor.sim.simulate import simulate_dataset
+    from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
+    from mlflow_ptycho_flavor.sim.plotting import save_reconstruction_figure
+    from mlflow_ptycho_flavor.model.stitching import crop_to_object, stitch_patches
+    from mlflow_ptycho_flavor.sim.train import TrainConfig, save_trained_bundle, train_model
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -121,7 +104,7 @@ def run_demo(
     uri = _tracking(out, tracking_uri)
     config = TrainConfig.quick(seed=seed) if quick else TrainConfig(seed=seed)
     if steps is not None:
-        config = config.replace(steps=steps)
+        config = dataclasses.replace(config, steps=steps)
     with mlflow.start_run(run_name="ptycho-demo") as run:
         _stage(f"training {config.steps} steps (physics-informed, Poisson loss)")
         t = time.perf_counter()
@@ -157,12 +140,12 @@ def run_demo(
         stitched = stitch_patches(patches[:, 0], dataset.offsets, centre="integer")
         recon, covered = crop_to_object(stitched, dataset.objectGuess.shape)
         inner = _interior(covered, margin=dataset.N // 4)
-        object_error = phase_aligned_error(recon, dataset.objectGuess, inner)
+        object_error = reconstruction_error(recon, dataset.objectGuess, window=inner, per_pattern=False)
         timings["reconstruct+stitch"] = time.perf_counter() - t
 
         png = save_reconstruction_figure(
             out / "reconstruction.png",
-            np.where(inner, align_global_phase(recon, dataset.objectGuess, inner), 0),
+            np.where(inner, align_global_phase(recon, dataset.objectGuess, window=inner), 0),
             truth=dataset.objectGuess,
             mask=inner,
             loss_history=result.loss_history,

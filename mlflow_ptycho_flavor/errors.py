@@ -8,6 +8,9 @@ message that names the cause and the fix. Nothing here imports MLflow; the flavo
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
 __all__ = [
     "PtychoFlavorError",
     "BundleError",
@@ -21,7 +24,29 @@ __all__ = [
     "StateDictMismatchError",
     "PredictionInputError",
     "DatasetError",
+    "InvalidArgumentError",
+    "short_repr",
 ]
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 160
+_REPR.maxother = 160
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
+_REPR.maxlevel = 3
+
+
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` for error messages: values from a hostile file can be huge or deeply nested.
+
+    At most a few hundred characters come out, whatever ``value`` is; a broken ``__repr__`` never replaces the
+    real error.
+    """
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class PtychoFlavorError(Exception):
@@ -73,3 +98,8 @@ class PredictionInputError(PtychoFlavorError, ValueError):
 
 class DatasetError(PtychoFlavorError, ValueError):
     """A ptychography NPZ dataset is missing keys or holds arrays of the wrong shape, dtype or values."""
+
+
+class InvalidArgumentError(PtychoFlavorError, ValueError):
+    """A function or command argument has a value the package cannot use (a device that is not there, a
+    simulator size out of range, a training setting that makes no sense); the message names the argument."""

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 import mlflow_ptycho_flavor  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the serving test tooling
 from mlflow_ptycho_flavor.flavor import load_model, save_model
 from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
-from mlflow_ptycho_flavor.serving import ModelServer, run_load
+from serving_tools import ModelServer, run_load  # noqa: E402
 
 N = 64
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlflow_ptycho_flavor import params as params_module
+from mlflow_ptycho_flavor.bundle import params as params_module
 from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
 
 UPSTREAM_DIR = Path(__file__).resolve().parent / "data" / "upstream"

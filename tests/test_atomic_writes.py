@@ -297,7 +297,7 @@ def test_save_model_refuses_existing_non_empty_directory(flavor, networks, tmp_p
     ids=["new-dir-env", "new-dir-bundle", "new-dir-rename", "empty-dir-env", "empty-dir-bundle", "empty-dir-rename"],
 )
 def test_save_model_failure_midway_leaves_nothing(flavor, networks, tmp_path, monkeypatch, where, target_exists):
-    from mlflow_ptycho_flavor import _mlflow_env
+    from mlflow_ptycho_flavor.flavor import env as _mlflow_env
 
     target = tmp_path / "model"
     if target_exists:

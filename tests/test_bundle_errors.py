@@ -26,8 +26,8 @@ from mlflow_ptycho_flavor.errors import (
     UnsafeBundleError,
     UnsupportedBundleError,
 )
-from mlflow_ptycho_flavor.params import LEGACY_DEFAULT_CFG, cfg
-from mlflow_ptycho_flavor.safe_pickle import ALLOW_PICKLE_ENV
+from mlflow_ptycho_flavor.bundle.params import LEGACY_DEFAULT_CFG, cfg
+from mlflow_ptycho_flavor.bundle.unpickle import ALLOW_PICKLE_ENV
 
 P = "model.autoencoder."
 UPSTREAM_MANIFEST = {"models": ["diffraction_to_obj", "autoencoder"], "version": "2.0-pytorch"}
@@ -432,7 +432,7 @@ def test_legacy_head_shapes_without_override(upstream_dir, tmp_path, refuses, re
 
 def test_legacy_head_shapes_at_s1_gridsize2(perturbed_network, tmp_path, refuses, rewrite_bundle):
     """At s=1, gs=2 the legacy border width 28s equals the current 32s - C, so only the amplitude head's output
-    channels tell the eras apart: the legacy amp head always has Co=1 (spec §3.6), the current one Co=C=4. A genuine
+    channels tell the eras apart: the legacy amp head always has Co=1 (docs/bundle-format.md §3.6), the current one Co=C=4. A genuine
     E2 state_dict (amp head (1,28,3,3), phase head (4,28,3,3)) under a gs=2 configuration is a legacy era."""
     net = perturbed_network(n_filters_scale=1, C_model=4)
     src = save_torch_bundle(net, tmp_path / "src" / "wts.h5")
@@ -563,7 +563,7 @@ def test_metadata_not_a_dict(bundle, tmp_path, refuses, rewrite_bundle):
 
 
 def test_metadata_missing_keys_take_defaults(bundle, metadata, tmp_path, rewrite_bundle):
-    """Dropped keys take upstream HEAD defaults (spec §8.2.2) - here every default matches the network."""
+    """Dropped keys take upstream HEAD defaults (docs/bundle-format.md §8.2.2) - here every default matches the network."""
     meta = {**metadata, "model_config": {k: v for k, v in metadata["model_config"].items()
                                          if k not in ("batch_norm", "cbam_encoder", "edge_pad")}}
     path = _with_metadata(rewrite_bundle, bundle, tmp_path / "wts.h5.zip", meta)

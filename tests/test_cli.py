@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from mlflow_ptycho_flavor import cli, load_torch_bundle, save_torch_bundle
-from mlflow_ptycho_flavor.data import load_npz, save_npz, simulate_dataset
+from mlflow_ptycho_flavor.sim.dataset import load_npz, save_npz
+from mlflow_ptycho_flavor.sim.simulate import simulate_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 

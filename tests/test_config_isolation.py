@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mlflow_ptycho_flavor import load_torch_bundle, save_torch_bundle
-from mlflow_ptycho_flavor import params as params_module
+from mlflow_ptycho_flavor.bundle import params as params_module
 
 SPECS = {"a": dict(N=64, C_model=1, n_filters_scale=1), "b": dict(N=128, C_model=4, n_filters_scale=1)}
 

@@ -1,4 +1,4 @@
-"""Tests of ``mlflow_ptycho_flavor.data``: NPZ schema I/O, the simulator's forward model, normalization."""
+"""Tests of ``mlflow_ptycho_flavor.sim.dataset``: NPZ schema I/O, the simulator's forward model, normalization."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlflow_ptycho_flavor.data import (
+from mlflow_ptycho_flavor.sim.dataset import (
     PtychoDataset,
     load_npz,
     normalization_factor,
-    predict_amplitudes,
     save_npz,
-    simulate_dataset,
     train_test_split,
 )
+from mlflow_ptycho_flavor.sim.physics import predict_amplitudes
+from mlflow_ptycho_flavor.sim.simulate import simulate_dataset
 from mlflow_ptycho_flavor.errors import DatasetError
 
 SMALL = dict(N=32, n_scan=(5, 6), nphotons=1e5)

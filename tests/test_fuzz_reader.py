@@ -39,7 +39,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 
 from mlflow_ptycho_flavor import load_torch_bundle, read_bundle, save_torch_bundle
 from mlflow_ptycho_flavor.errors import PtychoFlavorError
-from mlflow_ptycho_flavor.safe_pickle import ALLOW_PICKLE_ENV
+from mlflow_ptycho_flavor.bundle.unpickle import ALLOW_PICKLE_ENV
 
 _LONG_RUN = int(os.environ.get("PTYCHO_FUZZ_EXAMPLES", "0") or 0)
 _RANDOM = os.environ.get("PTYCHO_FUZZ_RANDOM", "").strip().lower() in ("1", "true", "yes")

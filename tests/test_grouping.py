@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_ptycho_flavor import load_torch_bundle, params, restore_params, save_torch_bundle
+from mlflow_ptycho_flavor import load_torch_bundle, restore_params, save_torch_bundle
+from mlflow_ptycho_flavor.bundle import params
 from mlflow_ptycho_flavor.errors import ConfigMismatchError, PredictionInputError
-from mlflow_ptycho_flavor.grouping import group_patterns
-from mlflow_ptycho_flavor.inference import PtychoTorchModel
+from mlflow_ptycho_flavor.model.grouping import group_patterns
+from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 
 
 def _scan(count: int, N: int, seed: int = 0):

@@ -54,8 +54,8 @@ from mlflow_ptycho_flavor.errors import (
     UnsafeBundleError,
     UnsupportedBundleError,
 )
-from mlflow_ptycho_flavor.params import LEGACY_DEFAULT_CFG, cfg
-from mlflow_ptycho_flavor.safe_pickle import ALLOW_PICKLE_ENV
+from mlflow_ptycho_flavor.bundle.params import LEGACY_DEFAULT_CFG, cfg
+from mlflow_ptycho_flavor.bundle.unpickle import ALLOW_PICKLE_ENV
 
 MANIFEST = "manifest.dill"
 WEIGHTS = "diffraction_to_obj/model.pth"

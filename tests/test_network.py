@@ -464,7 +464,7 @@ def test_batch_norm_eval_uses_running_statistics(perturbed_network):
 
 
 def test_network_does_not_read_global_cfg(perturbed_network):
-    from mlflow_ptycho_flavor import params
+    from mlflow_ptycho_flavor.bundle import params
 
     net = perturbed_network(n_filters_scale=1)
     x = _x(1, 1, 64)

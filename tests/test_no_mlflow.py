@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import torch
     from mlflow_ptycho_flavor import load_torch_bundle
-    from mlflow_ptycho_flavor.params import cfg
+    from mlflow_ptycho_flavor.bundle.params import cfg
 
     folder = sys.argv[1]
     network, params = load_torch_bundle(folder + "/wts.h5.zip", device="cpu")

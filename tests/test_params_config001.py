@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mlflow_ptycho_flavor import load_torch_bundle, save_torch_bundle
-from mlflow_ptycho_flavor import params as params_module
+from mlflow_ptycho_flavor.bundle import params as params_module
 from mlflow_ptycho_flavor.errors import ConfigMismatchError
-from mlflow_ptycho_flavor.params import (
+from mlflow_ptycho_flavor.bundle.params import (
     LEGACY_DEFAULT_CFG,
     cfg,
     make_params_snapshot,

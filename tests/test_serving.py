@@ -12,7 +12,7 @@ import pytest
 
 import mlflow_ptycho_flavor  # noqa: F401  (registers mlflow.ptycho_torch)
 from mlflow_ptycho_flavor.flavor import load_model, save_model
-from mlflow_ptycho_flavor.serving import ModelServer, run_load
+from serving_tools import ModelServer, run_load
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_stitched_object_with_positions(served):
     status, body = server.invoke({"inputs": {"diffraction": x.tolist(), "positions": positions.tolist()},
                                   "params": {"stitch": True}})
     assert status == 200, body
-    from mlflow_ptycho_flavor.stitching import stitch_patches
+    from mlflow_ptycho_flavor.model.stitching import stitch_patches
 
     expected = stitch_patches(native.predict(x), positions).obj
     got = np.asarray(body["predictions"]["real"], np.float32) + 1j * np.asarray(body["predictions"]["imag"], np.float32)

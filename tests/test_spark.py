@@ -1,4 +1,4 @@
-"""Spark batch inference (``mlflow_ptycho_flavor.spark``) on a local ``local[2]`` session.
+"""Spark batch inference (``mlflow_ptycho_flavor.flavor.spark``) on a local ``local[2]`` session.
 
 Every Spark result is checked against in-process pyfunc predictions of the same saved model. One module-scoped
 SparkSession (UI off, bound to 127.0.0.1, scratch dirs under tmp) serves all tests; the network is the
@@ -8,7 +8,6 @@ so that different inputs give clearly different outputs.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import shutil
 from pathlib import Path
@@ -22,9 +21,11 @@ if shutil.which("java") is None:
 
 import torch  # noqa: E402
 
-from mlflow_ptycho_flavor import spark as ptycho_spark  # noqa: E402
+from mlflow_ptycho_flavor import cli  # noqa: E402
+from mlflow_ptycho_flavor.flavor import spark as ptycho_spark  # noqa: E402
+from mlflow_ptycho_flavor.flavor.spark_job import run_batch_inference  # noqa: E402
 from mlflow_ptycho_flavor.errors import PredictionInputError  # noqa: E402
-from mlflow_ptycho_flavor.inference import encode_output  # noqa: E402
+from mlflow_ptycho_flavor.model.inference import encode_output  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -35,7 +36,6 @@ pytestmark = [
 N = 64
 M = 300
 ATOL = 1e-6  # exact on CPU in practice; the bound leaves room for a different conv algorithm per batch size
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "spark_batch_inference.py"
 
 
 @pytest.fixture(scope="module")
@@ -168,17 +168,10 @@ def test_plain_mlflow_spark_udf_resolves_auto_to_real_imag(spark, model_uri, inp
         np.testing.assert_allclose(got, part, rtol=0, atol=ATOL)
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("spark_batch_inference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_batch_inference_npz_to_parquet(spark, model_uri, pyfunc_model, inputs, tmp_path):
+def test_batch_inference_npz_to_parquet(spark, model_uri, pyfunc_model, inputs, tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from mlflow_ptycho_flavor.data import PtychoDataset, save_npz
+    from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, save_npz
 
     amplitudes, _ = inputs
     rng = np.random.default_rng(3)
@@ -190,15 +183,16 @@ def test_batch_inference_npz_to_parquet(spark, model_uri, pyfunc_model, inputs, 
     )
     save_npz(dataset, tmp_path / "scan.npz")
     output = tmp_path / "out.parquet"
-    script = _load_script()
-    stats = script.main(
+    code = cli.main(
         [
-            "--model-uri", model_uri, "--input", str(tmp_path / "scan.npz"), "--output", str(output),
+            "spark-predict", model_uri, str(tmp_path / "scan.npz"), str(output),
             "--master", "local[2]", "--batch-size", "8", "--normalize", "dataset",
         ]
     )
-    assert stats["n_patterns"] == 20 and stats["N"] == N and stats["C"] == 1
-    assert stats["input_format"] == "npz" and stats["master"] == "local[2]"  # the running session was used
+    assert code == 0
+    report = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert report["n_patterns"] == "20" and report["N"] == str(N) and report["C"] == "1"
+    assert report["input_format"] == "npz" and report["master"] == "local[2]"  # the running session was used
     table = pq.read_table(output).sort_by("index")
     assert table.column_names == ["index", "x", "y", "scan_index", "scale", "real", "imag"]
     np.testing.assert_array_equal(table.column("index").to_numpy(), np.arange(20))
@@ -208,7 +202,7 @@ def test_batch_inference_npz_to_parquet(spark, model_uri, pyfunc_model, inputs, 
         got = np.stack(table.column(name).to_numpy(zero_copy_only=False))
         np.testing.assert_allclose(got, part, rtol=0, atol=ATOL)
     with pytest.raises(FileExistsError):
-        ptycho_spark.run_batch_inference(model_uri, tmp_path / "scan.npz", output, spark=spark)
+        run_batch_inference(model_uri, tmp_path / "scan.npz", output, spark=spark)
 
 
 def test_batch_inference_parquet_layout(spark, model_uri, inputs, reference, tmp_path):
@@ -225,7 +219,7 @@ def test_batch_inference_parquet_layout(spark, model_uri, inputs, reference, tmp
         }
     )
     pq.write_table(table, tmp_path / "in.parquet")
-    stats = ptycho_spark.run_batch_inference(
+    stats = run_batch_inference(
         model_uri, tmp_path / "in.parquet", tmp_path / "out.parquet", output_format="amp_phase", spark=spark
     )
     assert stats["n_patterns"] == rows and stats["columns"] == ["id", "scale", "amplitude", "phase"]
@@ -258,4 +252,4 @@ def test_refused_inputs(spark, model_uri, inputs, tmp_path):
     assert ptycho_spark.spark_predict(spark, model_uri, amplitudes[:0]).shape == (0, 1, N, N)
     with pytest.raises(PredictionInputError, match=".npz"):
         (tmp_path / "data.csv").write_text("x")
-        ptycho_spark.run_batch_inference(model_uri, tmp_path / "data.csv", tmp_path / "o", spark=spark)
+        run_batch_inference(model_uri, tmp_path / "data.csv", tmp_path / "o", spark=spark)

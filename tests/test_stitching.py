@@ -1,4 +1,4 @@
-"""Tests of position-based stitching (spec §6.2): exact reassembly, sub-pixel placement sign, coverage, gridsize."""
+"""Tests of position-based stitching (docs/bundle-format.md §6.2): exact reassembly, sub-pixel placement sign, coverage, gridsize."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlflow_ptycho_flavor.errors import PredictionInputError
-from mlflow_ptycho_flavor.stitching import (
+from mlflow_ptycho_flavor.model.stitching import (
     StitchResult,
     crop_to_object,
     stitch_patches,
@@ -98,7 +98,7 @@ def test_integer_positions_with_fractional_mean_are_exact_with_integer_centre() 
     vals, mask = crop_to_object(res, obj.shape)
     assert mask.sum() > 60 * 60
     assert np.abs(vals[mask] - obj[mask]).max() < 1e-5
-    # Default centre='mean' (spec §6.2) interpolates by frac(mean): the canvas is on a shifted grid but is still
+    # Default centre='mean' (docs/bundle-format.md §6.2) interpolates by frac(mean): the canvas is on a shifted grid but is still
     # bilinear-accurate for a smooth object, and origin carries the fractional offset.
     res_mean = stitch_patches(patches, pos)
     assert res_mean.origin[0] % 1 == pytest.approx(pos[:, 0].mean() % 1)

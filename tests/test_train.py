@@ -1,4 +1,4 @@
-"""The physics-informed trainer (``mlflow_ptycho_flavor.train``): physics, learning, bundle, seeds, MLflow.
+"""The physics-informed trainer (``mlflow_ptycho_flavor.sim.train``): physics, learning, bundle, seeds, MLflow.
 
 Everything runs on the CPU with ``n_filters_scale=1`` networks and small simulated scans; the one real training
 run is shared (module fixture) by the learning and bundle tests.
@@ -6,6 +6,7 @@ run is shared (module fixture) by the learning and bundle tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_ptycho_flavor import data, train
+from mlflow_ptycho_flavor.sim import dataset as data, metrics, physics, simulate, train
 from mlflow_ptycho_flavor.bundle import load_torch_bundle
-from mlflow_ptycho_flavor.inference import PtychoTorchModel
+from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 
 #: The shared training run. Measured ratios error_after / error_before on this compact scan, by simulation seed
 #: (torch 2.13 CPU, one thread): 60 steps -> 0.27 (seed 1, used here), 0.48 (0), 0.40 (2), 0.58 (3);
@@ -37,8 +38,8 @@ def _cfg(**overrides) -> train.TrainConfig:
 @pytest.fixture(scope="module")
 def split() -> tuple[data.PtychoDataset, data.PtychoDataset]:
     """A compact scan (6 x 6 positions, 1 px apart): the held-out patterns see the same object as the training
-    ones, which a network learns in tens of steps. Larger, sparser scans need a few hundred (``train_demo_model``)."""
-    dataset = data.simulate_dataset(N=64, n_scan=(6, 6), step=1.0, nphotons=1e6, seed=LEARN_SEED)
+    ones, which a network learns in tens of steps. Larger, sparser scans need a few hundred (the demo trains 200)."""
+    dataset = simulate.simulate_dataset(N=64, n_scan=(6, 6), step=1.0, nphotons=1e6, seed=LEARN_SEED)
     return data.train_test_split(dataset, test_fraction=0.2, seed=0)
 
 
@@ -53,12 +54,12 @@ def trained(split) -> train.TrainResult:
 # 1. The torch forward model is the simulator's
 # ------------------------------------------------------------------------------------------------------------
 def test_torch_forward_model_reproduces_the_simulators_noise_free_amplitudes():
-    dataset = data.simulate_dataset(N=64, n_scan=(4, 4), poisson=False, seed=5)
+    dataset = simulate.simulate_dataset(N=64, n_scan=(4, 4), poisson=False, seed=5)
     truth = dataset.ground_truth_patches
-    expected = data.predict_amplitudes(dataset, truth)  # float64, the simulator's exact model
+    expected = physics.predict_amplitudes(dataset, truth)  # float64, the simulator's exact model
     np.testing.assert_allclose(dataset.diff3d, expected, rtol=1e-6, atol=1e-6 * expected.max())
 
-    got = train.far_field_amplitudes(
+    got = physics.far_field_amplitudes(
         torch.from_numpy(truth), torch.from_numpy(dataset.probeGuess), dataset.photon_scale
     )
     assert got.dtype == torch.float32 and got.shape == truth.shape
@@ -66,42 +67,42 @@ def test_torch_forward_model_reproduces_the_simulators_noise_free_amplitudes():
 
     # The training physics (probe in normalized units, intensity_scale on both sides) maps the true patches
     # onto the loss's target amplitudes, and the Poisson loss of the truth is ~0 while a wrong object scores high.
-    scaling = train.compute_scaling(dataset)
+    scaling = physics.compute_scaling(dataset)
     assert scaling.photon_scale_source == "dataset"
     assert scaling.intensity_scale == pytest.approx(math.sqrt(scaling.nphotons) / 32, rel=1e-9)
     assert scaling.nphotons == pytest.approx(1e6, rel=1e-6)  # the measured mean counts of noise-free data
-    physics = train.ForwardModel(dataset.probeGuess, scaling)
-    target = physics.target_amplitudes(dataset.diff3d)
-    pred = physics.amplitudes(torch.from_numpy(truth))
+    forward = physics.ForwardModel(dataset.probeGuess, scaling)
+    target = forward.target_amplitudes(dataset.diff3d)
+    pred = forward.amplitudes(torch.from_numpy(truth))
     np.testing.assert_allclose(
         pred.numpy(), scaling.target_factor * expected, rtol=0, atol=2e-6 * float(target.max())
     )
     counts = target.square()
     offset = train._poisson_offset(counts)
-    at_truth = float(train._loss("poisson", physics.far_field(torch.from_numpy(truth)), target, counts, offset))
+    at_truth = float(train._loss("poisson", forward.far_field(torch.from_numpy(truth)), target, counts, offset))
     wrong = torch.from_numpy(truth) * 0.8
-    off_truth = float(train._loss("poisson", physics.far_field(wrong), target, counts, offset))
+    off_truth = float(train._loss("poisson", forward.far_field(wrong), target, counts, offset))
     assert abs(at_truth) < 1e-3 * off_truth
 
     with pytest.raises(ValueError, match="trailing"):
-        train.far_field_amplitudes(torch.from_numpy(truth[:, :32, :32]), torch.from_numpy(dataset.probeGuess))
+        physics.far_field_amplitudes(torch.from_numpy(truth[:, :32, :32]), torch.from_numpy(dataset.probeGuess))
 
 
 def test_scaling_without_photon_scale_is_estimated_from_a_unit_modulus_object():
-    dataset = data.simulate_dataset(N=64, n_scan=(3, 3), poisson=False, seed=2)
+    dataset = simulate.simulate_dataset(N=64, n_scan=(3, 3), poisson=False, seed=2)
     bare = data.PtychoDataset(
         diff3d=dataset.diff3d, xcoords=dataset.xcoords, ycoords=dataset.ycoords, probeGuess=dataset.probeGuess
     )
-    est = train.compute_scaling(bare)
-    exact = train.compute_scaling(dataset)
+    est = physics.compute_scaling(bare)
+    exact = physics.compute_scaling(dataset)
     assert est.photon_scale_source == "estimated"
     assert est.normalization_factor == exact.normalization_factor
     assert est.intensity_scale == exact.intensity_scale
     counts = float(np.mean(np.sum(dataset.diff3d.astype(np.float64) ** 2, axis=(1, 2))))
     probe_energy = float(np.sum(np.abs(dataset.probeGuess.astype(np.complex128)) ** 2))
     assert est.photon_scale == pytest.approx(math.sqrt(counts / probe_energy), rel=1e-12)
-    # An explicit photon budget rescales intensity_scale as in spec §2.4.
-    assert train.compute_scaling(dataset, nphotons=4e6).intensity_scale == pytest.approx(
+    # An explicit photon budget rescales intensity_scale as in docs/bundle-format.md §2.4.
+    assert physics.compute_scaling(dataset, nphotons=4e6).intensity_scale == pytest.approx(
         math.sqrt(4e6 / exact.nphotons) * exact.intensity_scale, rel=1e-12
     )
 
@@ -110,21 +111,21 @@ def test_reconstruction_error_removes_each_patterns_global_phase():
     rng = np.random.default_rng(0)
     truth = (rng.uniform(0.3, 1, (3, 64, 64)) * np.exp(1j * rng.uniform(-1, 1, (3, 64, 64)))).astype(np.complex64)
     shifted = truth * np.exp(1j * np.array([0.3, -2.0, 3.0]))[:, None, None]
-    assert train.reconstruction_error(shifted, truth) == pytest.approx(0.0, abs=1e-6)
-    assert train.reconstruction_error(shifted, truth, per_pattern=False) > 0.1
-    assert train.reconstruction_error(np.zeros_like(truth), truth) == pytest.approx(1.0)
+    assert metrics.reconstruction_error(shifted, truth) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.reconstruction_error(shifted, truth, per_pattern=False) > 0.1
+    assert metrics.reconstruction_error(np.zeros_like(truth), truth) == pytest.approx(1.0)
     # Only the central N/2 window counts by default.
     damaged = truth.copy()
     damaged[:, :8, :] = 0
-    assert train.reconstruction_error(damaged, truth) == pytest.approx(0.0, abs=1e-6)
-    assert train.reconstruction_error(damaged, truth, window="full") > 0.1
-    assert train.reconstruction_error(torch.from_numpy(shifted), torch.from_numpy(truth)) < 1e-6
+    assert metrics.reconstruction_error(damaged, truth) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.reconstruction_error(damaged, truth, window="full") > 0.1
+    assert metrics.reconstruction_error(torch.from_numpy(shifted), torch.from_numpy(truth)) < 1e-6
     with pytest.raises(ValueError, match="does not match"):
-        train.reconstruction_error(truth[:2], truth)
+        metrics.reconstruction_error(truth[:2], truth)
     with pytest.raises(ValueError, match="zero inside the window"):
-        train.reconstruction_error(truth, np.zeros_like(truth))
+        metrics.reconstruction_error(truth, np.zeros_like(truth))
     with pytest.raises(ValueError, match="'center', 'full'"):
-        train.reconstruction_error(truth, truth, window="middle")
+        metrics.reconstruction_error(truth, truth, window="middle")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -138,15 +139,15 @@ def test_training_halves_the_held_out_reconstruction_error(trained, split):
     assert trained.error_after <= 0.5 * trained.error_before, trained.summary()
     # error_after is the documented metric on the documented inference convention
     pred = train.predict_patches(trained.network, test_set)
-    window = train.illuminated_window(test_set.probeGuess)
+    window = metrics.illuminated_window(test_set.probeGuess)
     assert 0.7 * window.size / 4 < window.sum() < window.size / 4  # the central square minus its dark corners
-    assert train.reconstruction_error(pred, test_set.ground_truth_patches, window=window) == pytest.approx(
+    assert metrics.reconstruction_error(pred, test_set.ground_truth_patches, window=window) == pytest.approx(
         trained.error_after
     )
     # Also clearly better than the uniform object of the right mean amplitude (an oracle baseline).
     truth = test_set.ground_truth_patches
     uniform = np.broadcast_to(np.abs(truth[:, window]).mean(axis=1)[:, None, None], truth.shape)
-    assert trained.error_after < 0.8 * train.reconstruction_error(uniform, truth, window=window)
+    assert trained.error_after < 0.8 * metrics.reconstruction_error(uniform, truth, window=window)
     assert not trained.network.training
     assert trained.n_train + trained.n_test == 36
     assert {"setup", "train", "total", "steps_per_second"} <= set(trained.timings)
@@ -219,7 +220,7 @@ def test_config_and_input_validation(split):
         train.train_model(train_set.diff3d, _cfg(steps=1))
     with pytest.raises(ValueError, match="no MLflow run is active"):
         train.train_model(train_set, _cfg(steps=1), mlflow_logging=True)
-    assert train.TrainConfig.quick(seed=3).replace(steps=2).steps == 2
+    assert dataclasses.replace(train.TrainConfig.quick(seed=3), steps=2).steps == 2
 
 
 # ------------------------------------------------------------------------------------------------------------

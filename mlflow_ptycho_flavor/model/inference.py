@@ -4,7 +4,7 @@
 wrapper hold: the network on its device, the params snapshot, the manifest and metadata, and a ``predict``
 that turns diffraction amplitudes (or raw counts) into complex object patches.
 
-Input conventions (spec §4):
+Input conventions (docs/bundle-format.md §4):
     * ``diffraction``: float ``(B, N, N)`` (single-channel models) or ``(B, C, N, N)``, amplitudes = sqrt(counts);
       ``input_kind="intensity"`` takes raw counts (float or integer) and applies the square root here. Integer
       arrays are refused as amplitudes: they usually mean counts passed without ``input_kind="intensity"``.
@@ -18,15 +18,16 @@ Input conventions (spec §4):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import PredictionInputError
-from .network import PtychoPINNNetwork
+from mlflow_ptycho_flavor.bundle import read_bundle
+from mlflow_ptycho_flavor.bundle.params import restore_params
+from mlflow_ptycho_flavor.errors import PredictionInputError
+from mlflow_ptycho_flavor.network import PtychoPINNNetwork
 
 __all__ = [
     "PtychoTorchModel",
@@ -39,6 +40,7 @@ __all__ = [
     "prepare_scale",
     "dataset_normalization_factor",
     "encode_output",
+    "run_in_batches",
 ]
 
 OUTPUT_FORMATS = ("complex", "real_imag", "amp_phase")
@@ -161,7 +163,7 @@ def prepare_scale(scale: Any, batch: int) -> np.ndarray:
 
 
 def dataset_normalization_factor(amplitudes: np.ndarray) -> float:
-    """Upstream's normalization (spec §4.3): ``sqrt((N/2)^2 / mean_patterns sum_pixels amp^2)``, 1 if all zero."""
+    """Upstream's normalization (docs/bundle-format.md §4.3): ``sqrt((N/2)^2 / mean_patterns sum_pixels amp^2)``, 1 if all zero."""
     if amplitudes.size == 0:
         return 1.0
     N = amplitudes.shape[-1]
@@ -182,6 +184,39 @@ def encode_output(result: np.ndarray, output_format: str) -> Any:
     raise PredictionInputError(f"`output_format`={output_format!r} is not one of {OUTPUT_FORMATS}")
 
 
+def run_in_batches(
+    network: torch.nn.Module,
+    amplitudes: np.ndarray,
+    factors: np.ndarray,
+    *,
+    batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """``network(x, f)`` over float32 ``(B, C, N, N)`` inputs and ``(B, 1, 1, 1)`` factors, ``batch_size`` at a time.
+
+    The one batched inference loop of the package (the native model, the pyfunc wrapper and the trainer's
+    evaluation all use it): no autograd, inputs moved to the network's device per batch, complex64 numpy out.
+    """
+    total = amplitudes.shape[0]
+    out = np.empty(amplitudes.shape, dtype=np.complex64)
+    if total == 0:
+        return out
+    device = next(network.parameters()).device
+    starts: Any = range(0, total, batch_size)
+    if progress and total > batch_size:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch", total=math.ceil(total / batch_size))
+    with torch.inference_mode():
+        for start in starts:
+            stop = min(start + batch_size, total)
+            x = torch.from_numpy(amplitudes[start:stop]).to(device, non_blocking=True)
+            f = torch.from_numpy(factors[start:stop]).to(device, non_blocking=True)
+            result = network(x, f)
+            out[start:stop] = result.cpu().numpy() if result.device.type != "cpu" else result.numpy()
+    return out
+
+
 @dataclass
 class PtychoTorchModel:
     """A loaded ``ptycho_torch`` model: the network on its device plus everything its bundle carried.
@@ -199,6 +234,38 @@ class PtychoTorchModel:
     manifest: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] | None = None
     bundle_path: str | None = None
+
+    @classmethod
+    def from_bundle(
+        cls, path: Any, device: str | torch.device | None = None, *, channels_last: bool = False
+    ) -> "PtychoTorchModel":
+        """Load a ``wts.h5.zip`` (or its base path, or a folder holding one) into a model on ``device``.
+
+        Follows CONFIG-001: the params snapshot is restored into the global config before the network is built.
+        Needs no MLflow.
+
+        Args:
+            path: the bundle.
+            device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
+            channels_last: opt-in NHWC memory format for the convolutions (outputs agree with the default layout
+                to float rounding, not bit for bit).
+
+        Raises:
+            BundleError: the bundle cannot be read (a subclass naming the cause).
+            ValueError: ``device`` is not valid or not available.
+        """
+        contents = read_bundle(path)
+        restore_params(contents.params)  # CONFIG-001, before the network is built
+        network = contents.build_network(device, adopt_weights=True)
+        if channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        return cls(
+            network=network,
+            params=dict(contents.params),
+            manifest=dict(contents.manifest),
+            metadata=contents.metadata,
+            bundle_path=str(contents.path),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -250,24 +317,7 @@ class PtychoTorchModel:
             batch_size = default_batch_size(self.device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise PredictionInputError(f"`batch_size` must be a positive integer, got {batch_size!r}")
-        total = amplitudes.shape[0]
-        out = np.empty((total, self.channels, self.N, self.N), dtype=np.complex64)
-        if total == 0:
-            return out
-        device = self.device
-        starts = range(0, total, int(batch_size))
-        if progress and total > batch_size:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc="predict", unit="batch", total=math.ceil(total / batch_size))
-        with torch.inference_mode():
-            for start in starts:
-                stop = min(start + int(batch_size), total)
-                x = torch.from_numpy(amplitudes[start:stop]).to(device, non_blocking=True)
-                f = torch.from_numpy(factors[start:stop]).to(device, non_blocking=True)
-                result = self.network(x, f)
-                out[start:stop] = result.cpu().numpy() if result.device.type != "cpu" else result.numpy()
-        return out
+        return run_in_batches(self.network, amplitudes, factors, batch_size=int(batch_size), progress=progress)
 
     def predict(
         self,
@@ -301,22 +351,3 @@ class PtychoTorchModel:
         amplitudes, factors = self.prepare(diffraction, scale, input_kind=input_kind, normalize=normalize)
         result = self.predict_prepared(amplitudes, factors, batch_size=batch_size, progress=progress)
         return encode_output(result, output_format)
-
-    def describe(self) -> Mapping[str, Any]:
-        """A short dict of what drives the architecture, for logs and ``inspect``."""
-        c = self.network.config
-        return {
-            "N": c.N,
-            "gridsize": self.gridsize,
-            "C": c.C_model,
-            "n_filters_scale": c.n_filters_scale,
-            "object_big": c.object_big,
-            "probe_big": c.probe_big,
-            "amp_activation": c.amp_activation,
-            "output_mode": c.effective_output_mode,
-            "shared_decoder": c.use_shared_decoder,
-            "batch_norm": c.batch_norm,
-            "intensity_scale": self.intensity_scale,
-            "fixed_input_scale": self.network.uses_fixed_input_scale,
-            "device": str(self.device),
-        }

@@ -1,4 +1,4 @@
-"""A restricted unpickler for the ``.dill`` members of a bundle.
+"""Decoding untrusted pickles: a restricted unpickler for ``.dill`` members, and a scan of torch members.
 
 Upstream writes ``manifest.dill`` and ``params.dill`` with ``dill.dump``. For PyTorch bundles they hold plain
 data only, so they are read here with an unpickler that resolves no global except a short allow-list of data
@@ -17,10 +17,15 @@ while decoding is a :class:`CorruptBundleError`.
 
 Opting out (``allow_unsafe=True`` or MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) falls back to
 ``dill``/``pickle`` and therefore runs whatever code the file carries: only for files you trust.
+
+Torch members (``model.pth``, ``torch_scaling_metadata.pt``) are loaded with ``torch.load(weights_only=True)``
+after :func:`torch_load` has checked that their pickle names only the globals a state_dict or a metadata dict
+needs (torch's own allow-list is wider and includes allocation bombs).
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import io
 import math
@@ -30,12 +35,16 @@ import pickletools
 import re
 from typing import Any
 
-from .errors import CorruptBundleError, UnsafeBundleError
+import torch
+
+from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError
 
 __all__ = [
     "safe_loads",
     "unsafe_loading_allowed",
     "check_plain_data",
+    "plain_equal",
+    "torch_load",
     "ALLOW_PICKLE_ENV",
     "MAX_DEPTH",
     "MAX_RANGE_LENGTH",
@@ -402,3 +411,134 @@ def safe_loads(data: bytes, *, member: str, allow_unsafe: bool | None = None) ->
         raise CorruptBundleError(
             f"{member} is not a valid pickle of plain data: {type(exc).__name__}: {str(exc)[:300]}"
         ) from exc
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch members (.pth / .pt): a scan of the pickle before torch.load(weights_only=True) runs
+# --------------------------------------------------------------------------------------------------------------
+
+#: Globals a torch-saved state_dict or metadata dict needs; checked in the member's pickle before torch.load runs.
+#: torch's own weights_only list is wider and includes allocation bombs (``bytearray(10**10)``, nested
+#: ``_codecs.encode(..., 'hex')``, ``torch.Tensor(10**6, 10**6)``) and whatever other code in the process added
+#: with ``torch.serialization.add_safe_globals``.
+_TORCH_ALLOWED_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "builtins.set",
+        "builtins.complex",
+        "torch.Size",
+        "torch.device",
+    }
+)
+
+
+def _torch_global_allowed(module: str, name: str) -> bool:
+    if f"{module}.{name}" in _TORCH_ALLOWED_GLOBALS:
+        return True
+    if module != "torch":
+        return False
+    value = vars(torch).get(name)  # not getattr: torch's module __getattr__ imports submodules lazily
+    if isinstance(value, torch.dtype):
+        return True
+    # FloatStorage, LongStorage, ...: markers torch maps to a dtype, never called with data
+    return name.endswith("Storage") and name not in ("UntypedStorage", "TypedStorage") and isinstance(value, type)
+
+
+def _scan_torch_pickle(data: bytes, member: str) -> None:
+    """Refuse a torch zip file whose ``data.pkl`` names a global outside :data:`_TORCH_ALLOWED_GLOBALS`.
+
+    The scan reads the record through torch's own zip reader (the bytes torch.load would unpickle) and only
+    disassembles the pickle; nothing is called.
+    """
+    if not data.startswith(b"PK\x03\x04"):
+        raise CorruptBundleError(
+            f"{member} is not a valid torch file: not in torch's zip serialization format (what torch.save has "
+            "written since torch 1.6); it is damaged, or a legacy file this loader does not read"
+        )
+    try:
+        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        pickled = reader.get_record("data.pkl")
+    except Exception as exc:  # noqa: BLE001 - torch's zip reader on untrusted bytes
+        raise CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {str(exc)[:300]}") from exc
+    try:
+        for opcode, arg, _ in pickletools.genops(pickled):
+            if opcode.name == "GLOBAL":
+                module, _, name = str(arg).partition(" ")
+                # torch.save writes protocol 2 with Python-2 names (__builtin__.set); torch maps them back like this
+                if (module, name) in _compat_pickle.NAME_MAPPING:
+                    module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+                elif module in _compat_pickle.IMPORT_MAPPING:
+                    module = _compat_pickle.IMPORT_MAPPING[module]
+                if not _torch_global_allowed(module, name):
+                    _refuse_torch_global(member, f"{module}.{name}")
+            elif opcode.name in ("STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"):
+                raise UnsafeBundleError(f"{member} uses the pickle opcode {opcode.name}, which torch.save never writes")
+    except UnsafeBundleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed pickle stream
+        raise CorruptBundleError(f"{member} holds a malformed pickle: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _torch_default_allows(full_name: str) -> bool:
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return full_name in _get_allowed_globals()
+    except Exception:  # noqa: BLE001 - private torch API; only used to word the message
+        return False
+
+
+def _refuse_torch_global(member: str, full_name: str) -> None:
+    if _torch_default_allows(full_name):
+        raise UnsafeBundleError(
+            f"{member} references the global {full_name}, which torch.load(weights_only=True) would call but a "
+            "state_dict or metadata dict never needs (a few bytes can make it allocate gigabytes); refused before "
+            "loading"
+        )
+    raise UnsafeBundleError(
+        f"{member} needs arbitrary Python objects to unpickle (the global {full_name}) and was refused by "
+        "torch.load(weights_only=True) rules, checked before loading: nothing was imported or called"
+    )
+
+
+def torch_load(data: bytes, member: str, *, scan: bool = True) -> Any:
+    if scan:
+        _scan_torch_pickle(data, member)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ValueError, ...
+        text = str(exc)
+        if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+            first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+            raise UnsafeBundleError(
+                f"{member} needs arbitrary Python objects to unpickle and was refused by "
+                f"torch.load(weights_only=True): {first_line}"
+            ) from exc
+        raise CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {text[:300]}") from exc
+
+
+def plain_equal(a: Any, b: Any, depth: int = 0) -> bool:
+    """``a == b`` for decoded plain data that never raises (numpy arrays compare element-wise)."""
+    if depth > 64:
+        return False
+    if type(a) is not type(b):
+        try:
+            numbers = (int, float, complex)
+            return bool(a == b) if isinstance(a, numbers) and isinstance(b, numbers) else False
+        except Exception:  # noqa: BLE001
+            return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(plain_equal(a[k], b[k], depth + 1) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(plain_equal(x, y, depth + 1) for x, y in zip(a, b))
+    if type(a).__module__ == "numpy" and hasattr(a, "shape"):
+        import numpy as np
+
+        return bool(np.array_equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False

@@ -1,14 +1,14 @@
 """Grouping scan patterns into gridsize² channels, driven by the global ``params.cfg`` like upstream's data path.
 
 Upstream's legacy data pipeline reads ``N`` and ``gridsize`` (and ``neighbor_count``) from the process-wide
-``params.cfg`` rather than from the model (spec §2.5). This module keeps that contract on purpose - it is the
+``params.cfg`` rather than from the model (docs/bundle-format.md §2.5). This module keeps that contract on purpose - it is the
 part of a pipeline that CONFIG-001 exists for: after ``load_torch_bundle`` (or :func:`restore_params`) the
 global holds the bundle's values and grouping produces exactly the ``(B, C, N, N)`` input the network takes;
 with the restore skipped the stale defaults (``N=128``, ``gridsize=2``) give a clear shape error instead of a
 silently wrong reconstruction.
 
 For gridsize > 1 each scan position seeds one group: the position itself followed by its ``gridsize² - 1``
-nearest neighbours (ties broken by index), in order of distance - the "group order" of spec §4.3.
+nearest neighbours (ties broken by index), in order of distance - the "group order" of docs/bundle-format.md §4.3.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import params as params_module
-from .errors import ConfigMismatchError, DatasetError
+from mlflow_ptycho_flavor.bundle import params as params_module
+from mlflow_ptycho_flavor.errors import ConfigMismatchError, DatasetError
 
 __all__ = ["GroupedPatterns", "group_patterns"]
 

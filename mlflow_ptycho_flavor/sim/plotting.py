@@ -1,17 +1,18 @@
 """PNG figures a person would rather look at than read: reconstructions beside ground truth, loss curves.
 
 Matplotlib is imported lazily with the non-interactive ``Agg`` backend, so headless servers and CI work.
-Files are written atomically (temp file, then rename).
+Files are written atomically, with ordinary permissions (:mod:`mlflow_ptycho_flavor._io`).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mlflow_ptycho_flavor._io import atomic_write
 
 __all__ = ["save_reconstruction_figure"]
 
@@ -95,16 +96,8 @@ def save_reconstruction_figure(
     if title:
         figure.suptitle(title + (f"\n{notes}" if notes else ""), fontsize=11)
     figure.tight_layout()
-    target = Path(os.fspath(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.png", dir=target.parent)
-    os.close(fd)
     try:
-        figure.savefig(tmp_name, dpi=110)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        target = atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
     finally:
         plt.close(figure)
     return target

@@ -3,7 +3,7 @@
 A PtychoPINN network predicts one small complex object patch per diffraction pattern (or per group of
 ``C = gridsize**2`` patterns). The full object is recovered by placing every patch at its scan position and
 averaging where patches overlap. This module implements that step from the clean-room specification
-(``ptycho-torch-bundle-format.md`` §6.2, the reference for this project; §7 item 4), with plain numpy in and out:
+(``docs/bundle-format.md`` §6.2, the reference for this project; §7 item 4), with plain numpy in and out:
 
 1. crop each ``N×N`` patch to its central ``crop×crop`` window (rows/cols ``N//2 - crop//2`` onwards);
 2. subtract a reference point (by default the mean position) from every position: ``d = position - centre``;
@@ -15,7 +15,7 @@ averaging where patches overlap. This module implements that step from the clean
 5. do the same with the per-patch weights (all ones for ``weighting="uniform"``) to get the coverage count;
 6. ``obj = sum / (coverage + 1e-9)``; ``mask = coverage > 1e-6``.
 
-Coordinate convention (spec §6): positions are pixel coordinates with index 0 = ``x`` = column and index 1 =
+Coordinate convention (docs/bundle-format.md §6): positions are pixel coordinates with index 0 = ``x`` = column and index 1 =
 ``y`` = row. A patch "centred" at ``(x, y)`` is taken to hold ``patch[i, j] = object[y + i - N//2, x + j - N//2]``,
 i.e. its pixel ``(N//2, N//2)`` sits on the position. After stitching that pixel lands on canvas pixel
 ``(row, col) = (y - y0, x - x0)`` where ``(x0, y0) = StitchResult.origin``; more generally canvas pixel
@@ -35,7 +35,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-from .errors import PredictionInputError
+from mlflow_ptycho_flavor.errors import PredictionInputError
 
 __all__ = [
     "StitchResult",
@@ -48,9 +48,9 @@ __all__ = [
 #: Above this many (placed) patches a tqdm progress bar is shown when ``progress`` is left at ``None``.
 DEFAULT_PROGRESS_THRESHOLD = 2000
 
-#: Denominator regulariser of spec §6.2: ``obj = sum / (coverage + _EPS)``.
+#: Denominator regulariser of docs/bundle-format.md §6.2: ``obj = sum / (coverage + _EPS)``.
 _EPS = 1e-9
-#: Coverage above which a canvas pixel counts as covered (spec §6.1/§6.2 mask rule).
+#: Coverage above which a canvas pixel counts as covered (docs/bundle-format.md §6.1/§6.2 mask rule).
 _MASK_THRESHOLD = 1e-6
 #: Fractional offsets closer than this (in pixels) to an integer are snapped to it, so integer positions that
 #: went through float arithmetic (e.g. ``x - mean``) are still placed by an exact copy.
@@ -220,7 +220,7 @@ def _resolve_centre(centre: Any, flat_pos: np.ndarray) -> tuple[float, float]:
         if centre == "integer":
             return float(np.round(mean[0])), float(np.round(mean[1]))
         raise PredictionInputError(
-            f"centre: {centre!r} is not known; use 'mean' (spec §6.2), 'integer' (mean rounded to whole pixels) "
+            f"centre: {centre!r} is not known; use 'mean' (docs/bundle-format.md §6.2), 'integer' (mean rounded to whole pixels) "
             f"or an explicit (x, y) pair."
         )
     try:
@@ -285,7 +285,7 @@ def stitch_patches(
     chunk_size: int = 256,
     progress: bool | None = None,
 ) -> StitchResult:
-    """Reassemble complex object patches into the full object by position (spec §6.2).
+    """Reassemble complex object patches into the full object by position (docs/bundle-format.md §6.2).
 
     Each patch is cropped to its central ``crop_size × crop_size`` window, placed at **+(position − centre)** on a
     square canvas with sub-pixel bilinear translation, summed, and divided by the identically placed weights
@@ -297,15 +297,15 @@ def stitch_patches(
         positions: pixel coordinates of the patch centres (patch pixel ``(N//2, N//2)``), column 0 = x = column,
             column 1 = y = row. Shape ``(M, 2)``; for ``(M, C, N, N)`` patches also ``(M, C, 2)`` (each channel
             placed at its own position) or upstream's ``(M, C, 1, 2)``. With ``(M, 2)`` positions and ``C > 1``
-            the ``C`` channels of a group are averaged into one patch placed at the group position (spec §6.2).
+            the ``C`` channels of a group are averaged into one patch placed at the group position (docs/bundle-format.md §6.2).
         crop_size: side of the central window kept from each patch, in ``[1, N]``. Default ``N // 2``: the
             network's centre half is where the object is constrained by the probe, and the border of a
-            PtychoPINN patch is unreliable (spec §3.4 border path; upstream's stitching also keeps a small centre).
-        weighting: ``"uniform"`` (weight 1 everywhere: spec §6.2), ``"central"`` (weight 1 on the patch's central
+            PtychoPINN patch is unreliable (docs/bundle-format.md §3.4 border path; upstream's stitching also keeps a small centre).
+        weighting: ``"uniform"`` (weight 1 everywhere: docs/bundle-format.md §6.2), ``"central"`` (weight 1 on the patch's central
             ``N//2 × N//2`` window, rows/cols ``[N//4, N//4 + N//2)``, else 0, like upstream's training merge §6.1;
             identical to uniform when ``crop_size <= N//2``), or a real non-negative ``(N, N)`` array such as
             ``|probe|**2`` (cropped like the patches).
-        centre: reference point subtracted from the positions: ``"mean"`` (spec §6.2, default), ``"integer"``
+        centre: reference point subtracted from the positions: ``"mean"`` (docs/bundle-format.md §6.2, default), ``"integer"``
             (the mean rounded to whole pixels, so integer positions are placed by exact copies and the canvas grid
             coincides with the input pixel grid) or an explicit ``(x, y)``.
         chunk_size: patches prepared per vectorised step (reduced automatically for large crops); only affects

@@ -13,7 +13,9 @@ import os
 from typing import Any
 
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.models.utils import _save_example
+from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
@@ -32,9 +34,12 @@ from mlflow.utils.model_utils import (
     _get_flavor_configuration,
     _validate_and_copy_code_paths,
 )
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from packaging.version import InvalidVersion, Version
 
 __all__ = [
+    "DEFAULT_AWAIT_MAX_SLEEP_SECONDS",
+    "invalid_parameter",
     "CONDA_ENV_FILE_NAME",
     "PYTHON_ENV_FILE_NAME",
     "pinned_requirement",
@@ -54,6 +59,11 @@ _logger = logging.getLogger(__name__)
 CONDA_ENV_FILE_NAME = _CONDA_ENV_FILE_NAME
 PYTHON_ENV_FILE_NAME = _PYTHON_ENV_FILE_NAME
 PACKAGE_NAME = "mlflow-ptycho-flavor"
+
+
+def invalid_parameter(message: str) -> MlflowException:
+    """The exception the flavor raises for a bad argument or input (the scoring server answers HTTP 400)."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 def pinned_requirement(package: str) -> str | None:

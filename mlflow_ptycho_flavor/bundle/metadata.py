@@ -1,14 +1,14 @@
 """``torch_scaling_metadata.pt``: upstream's four torch config dicts, and how a network config is resolved.
 
-Upstream's metadata-aware loader (spec §8) rebuilds ``diffraction_to_obj`` from the ``model_config`` /
+Upstream's metadata-aware loader (docs/bundle-format.md §8) rebuilds ``diffraction_to_obj`` from the ``model_config`` /
 ``data_config`` dicts stored in this member, ignoring ``params.dill``. This module keeps the dataclass field
 order and defaults of those dicts (so bundles we write are rebuilt identically by upstream), validates stored
 metadata the way upstream's dataclass constructors would (unknown key -> refuse), and turns either source into
 a :class:`~mlflow_ptycho_flavor.network.NetworkConfig`:
 
-* metadata present: it alone decides the network (spec §8.2), cross-checked against the params snapshot;
+* metadata present: it alone decides the network (docs/bundle-format.md §8.2), cross-checked against the params snapshot;
 * metadata absent: the params snapshot decides, with torch defaults for torch-only knobs and the caller's
-  factor honoured (training-faithful, spec §8.3); ``legacy_scaling=True`` reproduces upstream's legacy
+  factor honoured (training-faithful, docs/bundle-format.md §8.3); ``legacy_scaling=True`` reproduces upstream's legacy
   ``load_torch_bundle`` input scaling instead.
 """
 
@@ -18,8 +18,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ConfigMismatchError, CorruptBundleError, UnsupportedBundleError
-from .network import NetworkConfig
+from mlflow_ptycho_flavor.errors import ConfigMismatchError, CorruptBundleError, UnsupportedBundleError
+from mlflow_ptycho_flavor.network import NetworkConfig
 
 __all__ = [
     "METADATA_SCHEMA_VERSION",
@@ -35,7 +35,7 @@ __all__ = [
 
 METADATA_SCHEMA_VERSION = "ci-entrypoints-v1"
 
-#: Upstream ``ptycho_torch.config_params.ModelConfig`` fields in order, with their defaults (spec §8.1).
+#: Upstream ``ptycho_torch.config_params.ModelConfig`` fields in order, with their defaults (docs/bundle-format.md §8.1).
 MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
     "mode": "Unsupervised", "architecture": "cnn", "fno_modes": 12, "fno_width": 32, "fno_blocks": 4,
     "fno_cnn_blocks": 2, "learned_input_channels": 1, "fno_input_transform": "none",
@@ -56,7 +56,7 @@ MODEL_CONFIG_DEFAULTS: dict[str, Any] = {
     "amp_loss_coeff": 1.0, "phase_loss_coeff": 1.0,
 }
 
-#: Upstream ``DataConfig`` fields (spec §8.1).
+#: Upstream ``DataConfig`` fields (docs/bundle-format.md §8.1).
 DATA_CONFIG_DEFAULTS: dict[str, Any] = {
     "nphotons": 1e5, "scale_contract_version": "ci_intensity_v2", "measurement_domain": "count_intensity",
     "N": 64, "C": 4, "K": 6, "K_quadrant": 30, "n_subsample": 7, "subsample_seed": None, "grid_size": (2, 2),
@@ -65,7 +65,7 @@ DATA_CONFIG_DEFAULTS: dict[str, Any] = {
     "data_scaling": "Parseval", "phase_subtraction": True, "x_bounds": (0.1, 0.9), "y_bounds": (0.1, 0.9),
 }
 
-#: Upstream ``TrainingConfig`` fields (spec §8.1); only ``torch_loss_mode`` matters for inference.
+#: Upstream ``TrainingConfig`` fields (docs/bundle-format.md §8.1); only ``torch_loss_mode`` matters for inference.
 TRAINING_CONFIG_DEFAULTS: dict[str, Any] = {
     "training_directories": [], "nll": True, "device": "cuda", "strategy": "ddp", "n_devices": 1,
     "framework": "Lightning", "orchestrator": "Mlflow", "learning_rate": 0.001, "epochs": 50, "batch_size": 16,
@@ -80,7 +80,7 @@ TRAINING_CONFIG_DEFAULTS: dict[str, Any] = {
     "output_dir": "training_outputs", "train_data_file": None, "test_data_file": None, "n_groups": None,
 }
 
-#: Upstream ``InferenceConfig`` fields (spec §8.1); not used by the network.
+#: Upstream ``InferenceConfig`` fields (docs/bundle-format.md §8.1); not used by the network.
 INFERENCE_CONFIG_DEFAULTS: dict[str, Any] = {
     "middle_trim": 32, "batch_size": 1000, "experiment_number": 0, "pad_eval": True, "window": 20,
     "patch_weighting": "probe", "varpro_scaling": True, "log_patch_stats": False, "patch_stats_limit": None,
@@ -131,7 +131,7 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
     """Check the structure of a decoded ``torch_scaling_metadata.pt`` and fill missing keys with defaults.
 
     Returns:
-        A new dict with the four sections completed (missing keys take upstream HEAD defaults, spec §8.2.2).
+        A new dict with the four sections completed (missing keys take upstream HEAD defaults, docs/bundle-format.md §8.2.2).
     """
     if not isinstance(metadata, Mapping):
         raise CorruptBundleError(
@@ -151,7 +151,7 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
 
 
 def network_config_from_metadata(metadata: Mapping[str, Any]) -> NetworkConfig:
-    """Resolve the network from validated metadata (spec §8.2), refusing what upstream's constructor refuses."""
+    """Resolve the network from validated metadata (docs/bundle-format.md §8.2), refusing what upstream's constructor refuses."""
     model_config = metadata["model_config"]
     data_config = metadata["data_config"]
     training_config = metadata["training_config"]
@@ -210,7 +210,7 @@ def network_config_from_metadata(metadata: Mapping[str, Any]) -> NetworkConfig:
 
 
 def network_config_from_params(params: Mapping[str, Any], *, legacy_scaling: bool = False) -> NetworkConfig:
-    """Resolve the network from a params snapshot alone (bundles without metadata, spec §8.3).
+    """Resolve the network from a params snapshot alone (bundles without metadata, docs/bundle-format.md §8.3).
 
     Args:
         params: the validated ``params.dill`` dict.
@@ -245,7 +245,7 @@ def network_config_from_params(params: Mapping[str, Any], *, legacy_scaling: boo
 
 
 def check_params_agree(params: Mapping[str, Any], network: NetworkConfig) -> None:
-    """Refuse a bundle whose params snapshot disagrees with the network its metadata describes (spec §8.2.1).
+    """Refuse a bundle whose params snapshot disagrees with the network its metadata describes (docs/bundle-format.md §8.2.1).
 
     The snapshot is what CONFIG-001 restores into the global config, so a disagreement would mislead every
     consumer of ``params.cfg``.

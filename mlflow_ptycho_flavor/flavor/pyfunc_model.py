@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PredictionInputError, PtychoFlavorError
-from .inference import OUTPUT_FORMATS, PtychoTorchModel, encode_output
+from mlflow_ptycho_flavor.errors import PredictionInputError, PtychoFlavorError
+from mlflow_ptycho_flavor.flavor.env import invalid_parameter
+from mlflow_ptycho_flavor.model.inference import OUTPUT_FORMATS, PtychoTorchModel, encode_output
 
 __all__ = ["PtychoTorchPyfuncModel", "PARAM_DEFAULTS", "param_schema", "SERVING_ENV"]
 
@@ -86,13 +87,6 @@ def _in_spark_task() -> bool:
     return TaskContext.get() is not None
 
 
-def _invalid(message: str):
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
 def _column_to_array(column: Any, name: str) -> np.ndarray:
     values = column.to_numpy()
     if values.dtype == object:
@@ -116,9 +110,6 @@ class PtychoTorchPyfuncModel:
         """The ``diffraction_to_obj`` torch module."""
         return self.model.network
 
-    def unwrap_python_model(self):
-        return self.model.network
-
     @property
     def python_model(self):
         """What ``PyFuncModel.unwrap_python_model()`` returns: the network."""
@@ -129,7 +120,7 @@ class PtychoTorchPyfuncModel:
         merged = dict(PARAM_DEFAULTS)
         for key, value in (params or {}).items():
             if key == "device" and value not in (None, ""):
-                raise _invalid(
+                raise invalid_parameter(
                     "`device` cannot be chosen per call: the model is placed at load time. Use "
                     "mlflow.pyfunc.load_model(uri, model_config={'device': 'cuda:0'}) or set "
                     "MLFLOW_DEFAULT_PREDICTION_DEVICE"
@@ -140,21 +131,21 @@ class PtychoTorchPyfuncModel:
         if fmt == "auto":
             fmt = _SERVING_FORMAT if _in_serving() or _in_spark_task() else "complex"
         elif fmt not in OUTPUT_FORMATS:
-            raise _invalid(f"`output_format`={fmt!r} is not one of {('auto',) + OUTPUT_FORMATS}")
+            raise invalid_parameter(f"`output_format`={fmt!r} is not one of {('auto',) + OUTPUT_FORMATS}")
         elif fmt == "complex" and _in_serving():
-            raise _invalid(
+            raise invalid_parameter(
                 "`output_format`='complex' cannot be sent as JSON; ask for 'real_imag' or 'amp_phase' "
                 "(the serving default is 'real_imag')"
             )
         elif fmt == "complex" and _in_spark_task():
-            raise _invalid(
+            raise invalid_parameter(
                 "`output_format`='complex' cannot cross Arrow into Spark; ask for 'real_imag' (lossless) or "
                 "'amp_phase' with a matching result_type (see mlflow_ptycho_flavor.spark.RESULT_TYPES)"
             )
         merged["output_format"] = fmt
         batch_size = merged["batch_size"]
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
-            raise _invalid(f"`batch_size` must be an integer >= 0 (0 = default), got {batch_size!r}")
+            raise invalid_parameter(f"`batch_size` must be an integer >= 0 (0 = default), got {batch_size!r}")
         merged["batch_size"] = int(batch_size) or None  # None: the device's default
         return merged
 
@@ -215,14 +206,14 @@ class PtychoTorchPyfuncModel:
             if options["stitch"]:
                 return self._stitched(result, positions, options)
         except PtychoFlavorError as exc:
-            raise _invalid(str(exc)) from exc
+            raise invalid_parameter(str(exc)) from exc
         encoded = encode_output(result, options["output_format"])
         if index is not None:
             return self._as_frame(encoded, index)
         return encoded
 
     def _stitched(self, result: np.ndarray, positions: Any, options: dict[str, Any]) -> Any:
-        from .stitching import stitch_patches
+        from mlflow_ptycho_flavor.model.stitching import stitch_patches
 
         if positions is None:
             raise PredictionInputError(

@@ -20,7 +20,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import ConfigMismatchError
+from mlflow_ptycho_flavor.errors import ConfigMismatchError
+from mlflow_ptycho_flavor.network.config import SUPPORTED_PATCH_SIZES
 
 __all__ = [
     "LEGACY_DEFAULT_CFG",
@@ -85,7 +86,7 @@ ARCHITECTURE_PARAM_KEYS: dict[str, tuple[type, ...]] = {
     "architecture": (str,),
 }
 _REQUIRED_KEYS = ("N", "gridsize")
-SUPPORTED_N = (64, 128, 256)
+SUPPORTED_N = SUPPORTED_PATCH_SIZES
 
 #: The process-wide legacy config, the counterpart of upstream's ``ptycho.params.cfg``.
 cfg: dict[str, Any] = dict(LEGACY_DEFAULT_CFG)

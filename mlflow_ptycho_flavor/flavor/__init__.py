@@ -13,10 +13,10 @@ After ``import mlflow_ptycho_flavor`` this module is also ``mlflow.ptycho_torch`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,22 @@ from mlflow.protos.databricks_pb2 import (
     RESOURCE_ALREADY_EXISTS,
     RESOURCE_DOES_NOT_EXIST,
 )
-from mlflow.tracking._model_registry import DEFAULT_AWAIT_MAX_SLEEP_SECONDS
 
-from . import _mlflow_env
-from .bundle import BUNDLE_FILE_NAME, BundleContents, read_bundle, resolve_device, save_torch_bundle
-from .errors import BundleError, NotABundleError
-from .inference import PtychoTorchModel
-from .network import PtychoPINNNetwork
-from .params import restore_params
-from .pyfunc import PtychoTorchPyfuncModel, param_schema
+from mlflow_ptycho_flavor import FLAVOR_NAME
+from mlflow_ptycho_flavor._io import atomic_directory
+from mlflow_ptycho_flavor.bundle import (
+    BUNDLE_FILE_NAME,
+    BundleContents,
+    looks_like_bundle_path,
+    read_bundle,
+    save_torch_bundle,
+)
+from mlflow_ptycho_flavor.errors import BundleError, NotABundleError
+from mlflow_ptycho_flavor.flavor import env as _mlflow_env
+from mlflow_ptycho_flavor.flavor.env import invalid_parameter
+from mlflow_ptycho_flavor.flavor.pyfunc_model import PtychoTorchPyfuncModel, param_schema
+from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
+from mlflow_ptycho_flavor.network import PtychoPINNNetwork, describe_architecture, resolve_device
 
 __all__ = [
     "FLAVOR_NAME",
@@ -52,7 +59,6 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-FLAVOR_NAME = "ptycho_torch"
 LOADER_MODULE = "mlflow_ptycho_flavor"
 _DEVICE_ENV = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
 
@@ -88,10 +94,6 @@ def infer_signature(contents: BundleContents | PtychoPINNNetwork) -> ModelSignat
     return ModelSignature(inputs=None, outputs=outputs, params=param_schema())
 
 
-def _invalid(message: str) -> MlflowException:
-    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
 def _validate_model_argument(model: Any) -> None:
     if isinstance(model, PtychoPINNNetwork):
         return
@@ -112,30 +114,14 @@ def _check_target(path: Path) -> None:
 
 
 def _flavor_section(contents: BundleContents, bundle_sha256: str) -> dict[str, Any]:
-    import torch
-
-    config = contents.network_config
     return {
         "bundle": BUNDLE_FILE_NAME,
         "bundle_version": contents.version,
         "backend": contents.backend,
         "bundle_sha256": bundle_sha256,
         "pytorch_version": str(torch.__version__),
-        "N": config.N,
-        "gridsize": int(contents.params["gridsize"]),
-        "C": config.channels,
-        "n_filters_scale": config.n_filters_scale,
-        "architecture": config.architecture,
-        "mode": config.mode,
-        "output_mode": config.effective_output_mode,
-        "object_big": config.object_big,
-        "probe_big": config.probe_big,
-        "batch_norm": config.batch_norm,
-        "use_shared_decoder": config.use_shared_decoder,
+        **describe_architecture(contents.network_config),
         "intensity_scale": contents.intensity_scale,
-        "fixed_input_scale": bool(
-            config.intensity_scale_trainable and config.intensity_scale != 1.0
-        ),
         "has_scaling_metadata": contents.metadata is not None,
         "input": "float32 amplitudes (B, C, N, N) or (B, N, N) for C=1; optional per-sample scale",
         "output": "complex64 (B, C, N, N); JSON-safe real/imag or amp/phase forms when serving",
@@ -143,8 +129,6 @@ def _flavor_section(contents: BundleContents, bundle_sha256: str) -> dict[str, A
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -193,12 +177,12 @@ def save_model(
     _mlflow_env.validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     _validate_model_argument(model)
     if not isinstance(model, PtychoPINNNetwork) and (config is not None or autoencoder is not None or intensity_scale is not None):
-        raise _invalid(
+        raise invalid_parameter(
             "`config`, `autoencoder` and `intensity_scale` apply when saving a network; a bundle path is stored "
             "as it is"
         )
     if model_config is not None and not isinstance(model_config, dict):
-        raise _invalid(f"`model_config` must be a dict, got {type(model_config).__name__}")
+        raise invalid_parameter(f"`model_config` must be a dict, got {type(model_config).__name__}")
     target = Path(os.fspath(path)).resolve()
     _check_target(target)
     source_bundle = None
@@ -206,12 +190,10 @@ def save_model(
         try:
             source_contents = read_bundle(model)
         except BundleError as exc:
-            raise _invalid(f"`model` path {os.fspath(model)!r} is not a loadable bundle: {exc}") from exc
+            raise invalid_parameter(f"`model` path {os.fspath(model)!r} is not a loadable bundle: {exc}") from exc
         source_bundle = source_contents.path
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         bundle_path = staging / BUNDLE_FILE_NAME
         if source_bundle is not None:
             shutil.copyfile(source_bundle, bundle_path)
@@ -250,30 +232,6 @@ def save_model(
             extra_pip_requirements=extra_pip_requirements,
         )
         _check_target(target)
-        _move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    """Rename the finished staging directory onto ``target`` (absent or empty) in one step.
-
-    POSIX ``rename`` replaces an empty directory atomically, so a caller's empty target is never removed first;
-    where the platform refuses that, the empty target is removed and recreated if the rename then fails.
-    """
-    try:
-        os.rename(staging, target)
-        return
-    except OSError:
-        if not target.is_dir() or any(target.iterdir()):
-            raise
-    target.rmdir()
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        target.mkdir(exist_ok=True)
-        raise
 
 
 def log_model(
@@ -290,7 +248,7 @@ def log_model(
     conda_env: Any = None,
     code_paths: list[str] | None = None,
     registered_model_name: str | None = None,
-    await_registration_for: int = DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
+    await_registration_for: int = _mlflow_env.DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
     metadata: dict[str, Any] | None = None,
     model_config: dict[str, Any] | None = None,
     **kwargs: Any,
@@ -329,32 +287,14 @@ def log_model(
 
 
 def _load_native(bundle_path: str | os.PathLike, device: Any, *, channels_last: bool = False) -> PtychoTorchModel:
+    """:meth:`PtychoTorchModel.from_bundle`, with the package's errors turned into ``MlflowException``."""
     try:
-        contents = read_bundle(bundle_path)
-        restore_params(contents.params)  # CONFIG-001, before the network is built
-        network = contents.build_network(device, adopt_weights=True)
-        if channels_last:
-            # Opt-in fast path: NHWC convolutions (1.3-1.5x on CPU here, outputs equal to ~1e-7; RESULTS.md).
-            network = network.to(memory_format=torch.channels_last)
+        return PtychoTorchModel.from_bundle(bundle_path, device, channels_last=channels_last)
     except BundleError as exc:
         code = RESOURCE_DOES_NOT_EXIST if isinstance(exc, NotABundleError) else INVALID_PARAMETER_VALUE
         raise MlflowException(f"cannot load the ptycho_torch bundle {os.fspath(bundle_path)}: {exc}", error_code=code) from exc
     except ValueError as exc:  # bad device
-        raise _invalid(str(exc)) from exc
-    return PtychoTorchModel(
-        network=network,
-        params=dict(contents.params),
-        manifest=dict(contents.manifest),
-        metadata=contents.metadata,
-        bundle_path=str(contents.path),
-    )
-
-
-def _is_local_bundle(model_uri: str) -> bool:
-    if "://" in model_uri or model_uri.startswith(("runs:", "models:")):
-        return False
-    path = Path(model_uri)
-    return path.suffix == ".zip" or path.name.endswith(".h5") or (path.is_file() and not path.is_dir())
+        raise invalid_parameter(str(exc)) from exc
 
 
 def load_model(
@@ -374,7 +314,7 @@ def load_model(
         The network on its device, with the params, manifest and metadata, and a ``predict`` method.
     """
     model_uri = os.fspath(model_uri)
-    if _is_local_bundle(model_uri):
+    if looks_like_bundle_path(model_uri):
         return _load_native(model_uri, device, channels_last=channels_last)
     local_path = _mlflow_env.download_model(model_uri, dst_path)
     flavor_conf = _mlflow_env.flavor_configuration(local_path, FLAVOR_NAME)
@@ -411,7 +351,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Ptych
     try:
         resolve_device(device)
     except ValueError as exc:
-        raise _invalid(f"{exc} (set via model_config['device'] or {_DEVICE_ENV})") from exc
+        raise invalid_parameter(f"{exc} (set via model_config['device'] or {_DEVICE_ENV})") from exc
     channels_last = bool((model_config or {}).get("channels_last") or False)
     return PtychoTorchPyfuncModel(_load_native(path, device, channels_last=channels_last))
 

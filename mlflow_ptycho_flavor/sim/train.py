@@ -11,43 +11,7 @@ Only gridsize 1 (one pattern per sample, ``C = 1``) is implemented: it is what t
 path needs, and grouping neighbours for gridsize 2 adds position-dependent physics (overlap constraints) that
 this compact trainer does not attempt.
 
-Scale conventions (spec §2.4, §4.3, §8.4)
------------------------------------------
-With ``diff3d`` the measured amplitudes (sqrt counts) of the training set and ``probe`` its ``probeGuess``:
-
-* ``f = data.normalization_factor(diff3d) = sqrt((N/2)**2 / mean_patterns sum_pixels diff3d**2)`` (upstream's
-  RawData normalization). **Network input:** the raw amplitudes with ``input_scale_factor = f``, i.e.
-  ``network(diff3d, f)``, so the convolutions see the normalized amplitudes ``X = f * diff3d`` exactly as
-  upstream's training does. **At inference pass the raw amplitudes and scale = the same formula over the data
-  being reconstructed** - ``PtychoTorchModel.predict(diff, normalize="dataset")``, or
-  ``network(x, normalization_factor(diff))`` - which is upstream's inference-CLI convention (spec §4.3). The
-  network is built with ``intensity_scale_trainable=False``, so the factor is always honoured (spec §8.4).
-* ``nphotons``: :attr:`TrainConfig.nphotons`, or by default the measured mean total counts per training
-  pattern ``mean_patterns sum_pixels diff3d**2`` (the dataset's own photon budget).
-* ``intensity_scale = sqrt(nphotons / mean_patterns sum_pixels X**2)`` (spec §2.4; ``= sqrt(nphotons)/(N/2)``
-  since ``X`` has mean energy ``(N/2)**2``). It is recorded in the bundle's ``params.dill`` and
-  ``TrainResult.intensity_scale``.
-* ``photon_scale``: the amplitude factor of the simulator's forward model (``data`` module docstring). Taken
-  from ``dataset.photon_scale`` when present (simulated data or an NPZ with that key), which makes the forward
-  model exact and the trained network converge to the *true* object. Otherwise it is estimated as
-  ``sqrt(mean counts / sum |probe|**2)``, i.e. assuming an object of unit modulus on average under the probe;
-  the overall modulus of the object is not measurable from diffraction data with a given probe scale, so in that
-  case the reconstruction is the true object times an unknown real constant.
-
-Forward model and loss (``ForwardModel``), per pattern, with ``O`` the network's complex ``(N, N)`` output::
-
-    P_n    = f * photon_scale * probe                                # probe in normalized-amplitude units
-    A_pred = intensity_scale * |fftshift(fft2(P_n * O)) / N|          # predicted amplitudes
-    A_meas = intensity_scale * X = intensity_scale * f * diff3d      # measured amplitudes, same units
-    poisson: mean(A_pred**2 - K * log(A_pred**2) + K * log(K) - K),  K = A_meas**2   (Poisson NLL on counts,
-             offset so that a perfect fit of noise-free data scores 0)
-    mae:     mean(|A_pred - A_meas|)
-
-So ``intensity_scale`` enters exactly as in upstream's physics loss: both predicted and measured amplitudes are
-put on the count scale of ``nphotons`` photons per pattern (with the default ``nphotons``,
-``intensity_scale * f == 1`` and ``K`` are the measured counts themselves). For the true object patch,
-``A_pred = intensity_scale * f * data.predict_amplitudes(dataset, patch)``, i.e. the forward model reproduces the
-simulator's noise-free data on the loss's scale (tested).
+Scale conventions and the forward model and loss are documented in :mod:`mlflow_ptycho_flavor.sim.physics`.
 
 Initialisation (:func:`init_for_training`, ``TrainConfig.init="lsuv"``): PyTorch's default init, which upstream
 uses, makes a fresh network's output independent of its input (the signal shrinks several-fold per block), and
@@ -56,13 +20,8 @@ each convolution once, on a batch of training patterns, to unit output std (LSUV
 heads so the untrained network starts near a uniform object with random texture (amplitude 0.5 +- ~0.07,
 phase +- ~0.3 rad). ``init="default"`` keeps PyTorch's init.
 
-Reconstruction error (:func:`reconstruction_error`): relative L2 error after removing each pattern's global
-phase (the one quantity far-field intensities can never determine). Its default window is the central
-``N/2 x N/2`` square, the part the network reconstructs well: the heads' main (sigmoid/tanh) path covers exactly
-that window (spec §3.4) and the outer ring is a coarse correction path. :class:`TrainResult` reports the errors
-over :func:`illuminated_window` - that square minus the pixels where the probe amplitude is below 10 % of its
-peak (the corners of the square, for the simulator's disc-shaped aperture): a single diffraction pattern
-carries no information about the object where no light falls, so no gridsize-1 network can reconstruct it there.
+Errors are reported with :func:`mlflow_ptycho_flavor.sim.metrics.reconstruction_error` over
+:func:`~mlflow_ptycho_flavor.sim.metrics.illuminated_window` of the held-out patterns.
 
 MLflow is optional: :func:`train_model` imports it lazily and logs only into an already active run.
 """
@@ -82,38 +41,27 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from . import data as data_module
-from .bundle import resolve_device, save_torch_bundle
-from .data import PtychoDataset
-from .network import NetworkConfig, PtychoPINNNetwork
+from mlflow_ptycho_flavor.errors import InvalidArgumentError
+from mlflow_ptycho_flavor.bundle import save_torch_bundle
+from mlflow_ptycho_flavor.model.inference import run_in_batches
+from mlflow_ptycho_flavor.network import SUPPORTED_PATCH_SIZES, NetworkConfig, PtychoPINNNetwork, resolve_device
+from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, normalization_factor
+from mlflow_ptycho_flavor.sim.metrics import illuminated_window, reconstruction_error
+from mlflow_ptycho_flavor.sim.physics import ForwardModel, PhysicsScaling, compute_scaling
 
 __all__ = [
     "TrainConfig",
     "TrainResult",
-    "PhysicsScaling",
-    "ForwardModel",
-    "compute_scaling",
-    "far_field_amplitudes",
     "predict_patches",
-    "reconstruction_error",
-    "illuminated_window",
     "init_for_training",
     "train_model",
     "save_trained_bundle",
-    "train_demo_model",
-    "DEMO_STEPS",
-    "QUICK_DEMO_STEPS",
 ]
 
 LOSSES = ("poisson", "mae")
 INITS = ("lsuv", "default")
 #: Patterns of the one forward pass :func:`init_for_training` rescales the layers on.
 _INIT_PATTERNS = 64
-#: Probe amplitude (fraction of its peak) below which a pixel counts as not illuminated.
-ILLUMINATION_THRESHOLD = 0.1
-#: Training steps of :func:`train_demo_model` (default and ``quick=True``).
-DEMO_STEPS = 200
-QUICK_DEMO_STEPS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,8 +73,8 @@ class TrainConfig:
 
     Defaults follow upstream where it has one (batch 16, Adam at 1e-3, Poisson loss, sigmoid amplitude,
     ``probe.big``) except the network width (``n_filters_scale=1`` instead of 2, for CPU speed) and the
-    initialisation (``init="lsuv"``). :data:`DEMO_STEPS` steps reach a useful reconstruction of the simulator's
-    default scan (see :func:`train_demo_model` for measured figures).
+    initialisation (``init="lsuv"``). The default 200 steps reach a useful reconstruction of the simulator's
+    default scan (the demo trains with them).
 
     Attributes:
         N: Pattern size; must match the dataset (64, 128 or 256).
@@ -152,7 +100,7 @@ class TrainConfig:
 
     N: int = 64
     n_filters_scale: int = 1
-    steps: int = DEMO_STEPS
+    steps: int = 200
     batch_size: int = 16
     learning_rate: float = 1e-3
     loss: Literal["poisson", "mae"] = "poisson"
@@ -171,58 +119,34 @@ class TrainConfig:
         for name in ("N", "n_filters_scale", "steps", "batch_size", "log_every", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if self.N not in (64, 128, 256):
-            raise ValueError(f"TrainConfig.N={self.N} is not supported; the network takes N = 64, 128 or 256")
+                raise InvalidArgumentError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.N not in SUPPORTED_PATCH_SIZES:
+            raise InvalidArgumentError(f"TrainConfig.N={self.N} is not supported; the network takes N = 64, 128 or 256")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
+            raise InvalidArgumentError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"TrainConfig.learning_rate must be a finite number > 0, got {lr!r}")
+            raise InvalidArgumentError(f"TrainConfig.learning_rate must be a finite number > 0, got {lr!r}")
         if self.loss not in LOSSES:
-            raise ValueError(f"TrainConfig.loss={self.loss!r} is not one of {LOSSES}")
+            raise InvalidArgumentError(f"TrainConfig.loss={self.loss!r} is not one of {LOSSES}")
         if self.init not in INITS:
-            raise ValueError(f"TrainConfig.init={self.init!r} is not one of {INITS}")
+            raise InvalidArgumentError(f"TrainConfig.init={self.init!r} is not one of {INITS}")
         if self.num_threads is not None and (
             isinstance(self.num_threads, bool) or not isinstance(self.num_threads, (int, np.integer)) or self.num_threads < 1
         ):
-            raise ValueError(f"TrainConfig.num_threads must be None or a positive integer, got {self.num_threads!r}")
+            raise InvalidArgumentError(f"TrainConfig.num_threads must be None or a positive integer, got {self.num_threads!r}")
         if self.nphotons is not None:
             nph = self.nphotons
             if isinstance(nph, bool) or not isinstance(nph, (int, float)) or not (math.isfinite(nph) and nph > 0):
-                raise ValueError(f"TrainConfig.nphotons must be None or a finite number > 0, got {nph!r}")
+                raise InvalidArgumentError(f"TrainConfig.nphotons must be None or a finite number > 0, got {nph!r}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> "TrainConfig":
-        """A smoke-test configuration that runs in seconds (:data:`QUICK_DEMO_STEPS` steps of 8); barely trains."""
-        return cls(**{"steps": QUICK_DEMO_STEPS, "batch_size": 8, **overrides})
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+        """A smoke-test configuration that runs in seconds (8 steps of 8); barely trains."""
+        return cls(**{"steps": 8, "batch_size": 8, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class PhysicsScaling:
-    """The constants of the forward model (module docstring) for one training set."""
-
-    normalization_factor: float
-    nphotons: float
-    intensity_scale: float
-    photon_scale: float
-    photon_scale_source: Literal["dataset", "estimated"]
-
-    @property
-    def probe_factor(self) -> float:
-        """``f * photon_scale``: multiplies ``probeGuess`` into normalized-amplitude units."""
-        return self.normalization_factor * self.photon_scale
-
-    @property
-    def target_factor(self) -> float:
-        """``intensity_scale * f``: multiplies the raw amplitudes into the loss's amplitude units."""
-        return self.intensity_scale * self.normalization_factor
 
 
 @dataclass
@@ -233,8 +157,8 @@ class TrainResult:
         network: The trained network, in eval mode, on the training device.
         config: The configuration used.
         loss_history: Training loss after each step (``len == config.steps``).
-        intensity_scale: ``sqrt(nphotons / mean sum X**2)`` (spec §2.4), recorded in the bundle.
-        normalization_factor: ``f`` of the training set (spec §4.3). At inference pass the raw amplitudes with
+        intensity_scale: ``sqrt(nphotons / mean sum X**2)`` (docs/bundle-format.md §2.4), recorded in the bundle.
+        normalization_factor: ``f`` of the training set (docs/bundle-format.md §4.3). At inference pass the raw amplitudes with
             scale = the same formula over *their* data (``normalize="dataset"``), see the module docstring.
         nphotons: Photon budget per pattern used for ``intensity_scale``.
         photon_scale: Amplitude factor of the forward model, and whether it came from the dataset or was
@@ -246,7 +170,7 @@ class TrainResult:
             ``steps_per_second``.
         n_train: Training patterns; ``n_test``: test patterns (0 without a test set).
         device: Where the network was trained.
-        bundle_path: Set by :func:`train_demo_model` (and by :func:`save_trained_bundle`).
+        bundle_path: Set by :func:`save_trained_bundle`.
     """
 
     network: PtychoPINNNetwork
@@ -288,101 +212,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------------------------
 # Physics
 # ----------------------------------------------------------------------------------------------------------------
-def _mean_counts(diff3d: np.ndarray) -> float:
-    a = np.asarray(diff3d, dtype=np.float64)
-    return float(np.mean(np.sum(a * a, axis=(-2, -1))))
-
-
-def compute_scaling(dataset: PtychoDataset, nphotons: float | None = None) -> PhysicsScaling:
-    """The forward model's constants for ``dataset`` (see the module docstring for the formulas).
-
-    Raises:
-        ValueError: the dataset holds no counts, or its probe is zero.
-    """
-    diff = dataset.diff3d
-    measured = _mean_counts(diff)
-    if not measured > 0:
-        raise ValueError("The training diffraction patterns are all zero; there is nothing to train on.")
-    f = data_module.normalization_factor(diff)
-    nph = measured if nphotons is None else float(nphotons)
-    x_energy = measured * f * f  # mean sum X**2 with X = f * diff3d; (N/2)**2 up to rounding
-    intensity_scale = math.sqrt(nph / x_energy)
-    if dataset.photon_scale is not None:
-        photon_scale, source = float(dataset.photon_scale), "dataset"
-    else:
-        probe_energy = float(np.sum(np.abs(dataset.probeGuess.astype(np.complex128)) ** 2))
-        if not probe_energy > 0:
-            raise ValueError("`probeGuess` is zero everywhere; the forward model needs the illumination.")
-        photon_scale, source = math.sqrt(measured / probe_energy), "estimated"
-    return PhysicsScaling(
-        normalization_factor=float(f),
-        nphotons=float(nph),
-        intensity_scale=float(intensity_scale),
-        photon_scale=photon_scale,
-        photon_scale_source=source,
-    )
-
-
-def far_field_amplitudes(
-    patches: torch.Tensor, probe: torch.Tensor, scale: float | torch.Tensor = 1.0
-) -> torch.Tensor:
-    """Differentiable torch twin of :func:`data.predict_amplitudes`: ``scale * |fftshift(fft2(probe*O))/N|``.
-
-    Args:
-        patches: complex ``(..., N, N)`` object patches.
-        probe: complex ``(N, N)`` illumination (broadcast over the leading axes).
-        scale: amplitude factor (the simulator's ``photon_scale`` to reproduce its data).
-
-    Returns:
-        real ``(..., N, N)`` amplitudes in the precision of the inputs (complex64 -> float32).
-    """
-    return _far_field(patches, probe, scale).abs()
-
-
-def _far_field(patches: torch.Tensor, probe: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    n = probe.shape[-1]
-    if patches.shape[-2:] != probe.shape[-2:] or probe.shape[-2] != n:
-        raise ValueError(
-            f"`patches` {tuple(patches.shape)} and `probe` {tuple(probe.shape)} must share the trailing (N, N) shape"
-        )
-    far = torch.fft.fftshift(torch.fft.fft2(patches * probe), dim=(-2, -1))
-    return far * (scale / n)
-
-
-class ForwardModel:
-    """The training physics: complex object patches -> amplitudes on the loss's scale (module docstring).
-
-    Args:
-        probe: the dataset's ``(N, N)`` complex ``probeGuess``.
-        scaling: from :func:`compute_scaling`.
-        device: where the probe lives.
-    """
-
-    def __init__(self, probe: np.ndarray, scaling: PhysicsScaling, device: torch.device | str = "cpu") -> None:
-        self.scaling = scaling
-        probe_n = np.asarray(probe).astype(np.complex128) * scaling.probe_factor
-        self.probe = torch.from_numpy(probe_n.astype(np.complex64)).to(device)
-        self.intensity_scale = float(scaling.intensity_scale)
-
-    def far_field(self, objects: torch.Tensor) -> torch.Tensor:
-        """Complex ``intensity_scale * fftshift(fft2(P_n * O)) / N`` for ``(B, N, N)`` or ``(B, 1, N, N)``."""
-        if objects.dim() == 4:
-            if objects.shape[1] != 1:
-                raise ValueError(f"gridsize 1 only: expected (B, 1, N, N) objects, got {tuple(objects.shape)}")
-            objects = objects[:, 0]
-        return _far_field(objects, self.probe, self.intensity_scale)
-
-    def amplitudes(self, objects: torch.Tensor) -> torch.Tensor:
-        """Predicted amplitudes ``A_pred``, real ``(B, N, N)``."""
-        return self.far_field(objects).abs()
-
-    def target_amplitudes(self, diff3d: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Measured raw amplitudes -> ``A_meas = intensity_scale * f * diff3d`` (float32 tensor)."""
-        if isinstance(diff3d, torch.Tensor):
-            return (diff3d.to(torch.float64) * self.scaling.target_factor).to(torch.float32)
-        return torch.from_numpy((np.asarray(diff3d, dtype=np.float64) * self.scaling.target_factor).astype(np.float32))
-
-
 #: Output std of the heads' final convolutions after :func:`init_for_training` (pre-activation): small, so
 #: the untrained network starts near a uniform object (amplitude ~0.5 +- 0.07, phase ~0 +- 0.3 rad).
 _HEAD_INIT_STD = {
@@ -451,87 +280,6 @@ def _loss(kind: str, far: torch.Tensor, target: torch.Tensor, counts: torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
-def _as_numpy(value: Any, name: str) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
-def _window_mask(n: int, window: str | np.ndarray) -> np.ndarray:
-    if isinstance(window, str):
-        if window == "center":
-            mask = np.zeros((n, n), dtype=bool)
-            q = n // 4
-            mask[q : n - q, q : n - q] = True
-            return mask
-        if window == "full":
-            return np.ones((n, n), dtype=bool)
-        raise ValueError(f"`window`={window!r} must be 'center', 'full' or a boolean (N, N) mask")
-    mask = np.asarray(window)
-    if mask.dtype != bool or mask.shape != (n, n):
-        raise ValueError(f"`window` mask must be a boolean ({n}, {n}) array, got {mask.dtype} {mask.shape}")
-    if not mask.any():
-        raise ValueError("`window` mask selects no pixel")
-    return mask
-
-
-def illuminated_window(probe: Any, threshold: float = ILLUMINATION_THRESHOLD) -> np.ndarray:
-    """Boolean ``(N, N)`` mask: the central ``N/2 x N/2`` square where ``|probe| >= threshold * max|probe|``.
-
-    The window :class:`TrainResult`'s errors use (see the module docstring).
-    """
-    amp = np.abs(_as_numpy(probe, "probe"))
-    if amp.ndim != 2 or amp.shape[0] != amp.shape[1]:
-        raise ValueError(f"`probe` must be a square (N, N) array, got shape {amp.shape}")
-    peak = float(amp.max())
-    if not peak > 0:
-        raise ValueError("`probe` is zero everywhere; nothing is illuminated")
-    mask = _window_mask(amp.shape[0], "center") & (amp >= threshold * peak)
-    if not mask.any():
-        raise ValueError(f"no pixel of the central window has probe amplitude >= {threshold} x its peak")
-    return mask
-
-
-def reconstruction_error(
-    pred: Any, truth: Any, *, window: str | np.ndarray = "center", per_pattern: bool = True
-) -> float:
-    """Relative L2 error of complex patches after removing the global phase offset.
-
-    Each predicted pattern is multiplied by ``exp(-i*phi)`` with ``phi = angle(sum(pred * conj(truth)))`` over
-    the window - the phase that minimises ``||pred*exp(-i*phi) - truth||`` (least squares) - because
-    far-field intensities cannot determine a constant phase. The error is
-    ``sqrt(sum |aligned - truth|**2 / sum |truth|**2)`` pooled over all patterns and window pixels.
-
-    Args:
-        pred: complex ``(..., N, N)`` reconstructions (numpy or torch; a channel axis of 1 is fine).
-        truth: complex ground truth of the same shape.
-        window: ``"center"`` (default: the central ``N/2 x N/2`` pixels, rows and columns ``N//4 .. N-N//4-1``,
-            the region the network reconstructs well, see the module docstring), ``"full"``, or a boolean
-            ``(N, N)`` mask.
-        per_pattern: one phase per pattern (default; each pattern's phase is independently undetermined) or a
-            single phase for the whole stack.
-
-    Raises:
-        ValueError: shapes differ, the window is invalid, or the truth is zero in the window.
-    """
-    p = _as_numpy(pred, "pred")
-    t = _as_numpy(truth, "truth")
-    if p.shape != t.shape:
-        raise ValueError(f"`pred` shape {p.shape} does not match `truth` shape {t.shape}")
-    if p.ndim < 2 or p.shape[-1] != p.shape[-2]:
-        raise ValueError(f"`pred` must be (..., N, N) patches, got shape {p.shape}")
-    mask = _window_mask(p.shape[-1], window)
-    p = p.astype(np.complex128).reshape(-1, *p.shape[-2:])[:, mask]
-    t = t.astype(np.complex128).reshape(-1, *t.shape[-2:])[:, mask]
-    denom = float(np.sum(np.abs(t) ** 2))
-    if not denom > 0:
-        raise ValueError("`truth` is zero inside the window; the relative error is undefined")
-    overlap = np.sum(p * np.conj(t), axis=1) if per_pattern else np.sum(p * np.conj(t))
-    phase = np.exp(-1j * np.angle(overlap))
-    aligned = p * (phase[:, None] if per_pattern else phase)
-    return float(math.sqrt(float(np.sum(np.abs(aligned - t) ** 2)) / denom))
-
-
 def predict_patches(
     network: PtychoPINNNetwork,
     amplitudes: PtychoDataset | np.ndarray,
@@ -544,21 +292,16 @@ def predict_patches(
     Args:
         network: a gridsize-1 network (left in its current train/eval mode).
         amplitudes: a dataset or raw ``(M, N, N)`` amplitudes.
-        scale: the input factor; default ``data.normalization_factor`` of ``amplitudes`` (spec §4.3).
+        scale: the input factor; default ``data.normalization_factor`` of ``amplitudes`` (docs/bundle-format.md §4.3).
         batch_size: patterns per forward pass.
     """
     diff = amplitudes.diff3d if isinstance(amplitudes, PtychoDataset) else np.asarray(amplitudes, dtype=np.float32)
     if diff.ndim != 3:
-        raise ValueError(f"`amplitudes` must be (M, N, N), got shape {diff.shape}")
-    factor = data_module.normalization_factor(diff) if scale is None else float(scale)
-    device = next(network.parameters()).device
-    out = np.empty(diff.shape, dtype=np.complex64)
-    with torch.no_grad():
-        for start in range(0, diff.shape[0], batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(diff[start : start + batch_size, None], dtype=np.float32))
-            pred = network(x.to(device), factor)
-            out[start : start + batch_size] = pred[:, 0].cpu().numpy()
-    return out
+        raise InvalidArgumentError(f"`amplitudes` must be (M, N, N), got shape {diff.shape}")
+    factor = normalization_factor(diff) if scale is None else float(scale)
+    x = np.ascontiguousarray(diff[:, None], dtype=np.float32)
+    factors = np.full((x.shape[0], 1, 1, 1), factor, dtype=np.float32)
+    return run_in_batches(network, x, factors, batch_size=batch_size)[:, 0]
 
 
 def _test_error(network: PtychoPINNNetwork, test: PtychoDataset | None, batch_size: int) -> float | None:
@@ -581,7 +324,7 @@ def _mlflow_for_logging(mode: bool | None) -> Any:
     if mode is False:
         return None
     if mode is not None and mode is not True:
-        raise ValueError(f"`mlflow_logging` must be None (log into an active run), True or False, got {mode!r}")
+        raise InvalidArgumentError(f"`mlflow_logging` must be None (log into an active run), True or False, got {mode!r}")
     if mode is None and "mlflow" not in sys.modules:
         # A run can only be active if this process imported MLflow (its run stack is in-process), so skip
         # the import - a few seconds - when nobody did.
@@ -590,11 +333,11 @@ def _mlflow_for_logging(mode: bool | None) -> Any:
         import mlflow  # noqa: PLC0415 - optional dependency, imported lazily
     except ImportError as exc:
         if mode is True:
-            raise ValueError("mlflow_logging=True but MLflow is not installed; pip install mlflow") from exc
+            raise InvalidArgumentError("mlflow_logging=True but MLflow is not installed; pip install mlflow") from exc
         return None
     if mlflow.active_run() is None:
         if mode is True:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "mlflow_logging=True but no MLflow run is active; wrap the call in `with mlflow.start_run():`"
             )
         return None
@@ -630,9 +373,9 @@ def _batch_schedule(n_patterns: int, batch_size: int, steps: int, seed: int) -> 
 
 def _check_dataset(dataset: Any, name: str, n: int) -> PtychoDataset:
     if not isinstance(dataset, PtychoDataset):
-        raise TypeError(f"`{name}` must be a PtychoDataset (see data.load_npz/simulate_dataset), got {type(dataset).__name__}")
+        raise TypeError(f"`{name}` must be a PtychoDataset (see sim.dataset.load_npz / sim.simulate.simulate_dataset), got {type(dataset).__name__}")
     if dataset.N != n:
-        raise ValueError(f"`{name}` has N={dataset.N} patterns but TrainConfig.N={n}; set TrainConfig(N={dataset.N})")
+        raise InvalidArgumentError(f"`{name}` has N={dataset.N} patterns but TrainConfig.N={n}; set TrainConfig(N={dataset.N})")
     return dataset
 
 
@@ -796,7 +539,7 @@ def _train(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Saving and the demo entry point
+# Saving
 # ----------------------------------------------------------------------------------------------------------------
 def bundle_params(result: TrainResult, output_prefix: str | None = None) -> dict[str, Any]:
     """The legacy ``params.cfg`` values :func:`save_trained_bundle` records (upstream key names)."""
@@ -850,52 +593,3 @@ def save_trained_bundle(result: TrainResult, path: str | Path) -> Path:
     )
     result.bundle_path = written
     return written
-
-
-def train_demo_model(
-    out_dir: str | Path,
-    *,
-    seed: int = 0,
-    steps: int | None = None,
-    quick: bool = False,
-    progress: bool = True,
-    device: str = "auto",
-    num_threads: int | None = None,
-    mlflow_logging: bool | None = None,
-) -> TrainResult:
-    """Simulate a scan, train on 80 % of it, save ``out_dir/wts.h5.zip``, report the error on the other 20 %.
-
-    The default (the simulator's default scan: N=64, 16 x 16 positions 16 px apart, 10**6 photons per pattern;
-    205 training / 51 held-out patterns; ``n_filters_scale=1``, :data:`DEMO_STEPS` steps of 16) was measured on
-    a shared 2-core CPU machine (torch 2.13): 73 s of training with 2 threads (load ~1.5), 131 s with 1 thread
-    (load ~4); held-out error (:func:`illuminated_window`) 0.456 -> 0.17 (0.174 / 0.171; thread counts round
-    differently). ``quick=True`` (64 patterns, :data:`QUICK_DEMO_STEPS` steps of 8) trains in about 3 s
-    (0.447 -> 0.240), for smoke tests. The held-out patterns are also written to
-    ``out_dir/test_data.npz`` (upstream's NPZ schema with ground truth ``Y``), for trying inference.
-
-    Args:
-        out_dir: folder for ``wts.h5.zip`` and ``test_data.npz`` (created if missing).
-        seed: seeds the simulation, the split and the training.
-        steps: override the number of training steps.
-        quick: the fast smoke-test variant.
-        progress: show the training progress bar.
-        device: training device (``"auto"``, ``"cpu"``, ``"cuda:0"``).
-        num_threads: torch CPU threads for training (see :class:`TrainConfig`).
-        mlflow_logging: see :func:`train_model`.
-
-    Returns:
-        The :class:`TrainResult`, with ``bundle_path`` set.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_scan = (8, 8) if quick else (16, 16)
-    dataset = data_module.simulate_dataset(N=64, n_scan=n_scan, nphotons=1e6, seed=seed)
-    train, test = data_module.train_test_split(dataset, test_fraction=0.2, seed=seed)
-    base = TrainConfig.quick if quick else TrainConfig
-    config = base(N=64, seed=seed, progress=progress, device=device, num_threads=num_threads)
-    if steps is not None:
-        config = config.replace(steps=steps)
-    result = train_model(train, config, test_dataset=test, mlflow_logging=mlflow_logging)
-    save_trained_bundle(result, out / "wts.h5.zip")
-    data_module.save_npz(test, out / "test_data.npz")
-    return result

@@ -1,6 +1,7 @@
 """Run ``mlflow models serve`` for a ptycho_torch model on loopback, and drive it with bounded load.
 
-Used by the tests, the load script and the benchmarks: it starts the real scoring server as a subprocess on a
+Test tooling (not part of the package): used by the tests, ``scripts/load_test.py`` and the benchmarks, which
+put this folder on ``sys.path`` and ``import serving_tools``: it starts the real scoring server as a subprocess on a
 free loopback port, waits for ``/ping``, and stops the whole process group afterwards. Nothing here talks to
 anything but ``127.0.0.1``.
 """
@@ -22,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 __all__ = ["ModelServer", "free_port", "post_json", "LoadReport", "run_load"]
 
@@ -139,9 +142,7 @@ class LoadReport:
     def percentile(self, q: float) -> float:
         if not self.latencies_ms:
             return float("nan")
-        ordered = sorted(self.latencies_ms)
-        index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
-        return ordered[index]
+        return float(np.percentile(self.latencies_ms, q))
 
     @property
     def p50(self) -> float:

@@ -1,6 +1,6 @@
 """Clean-room PyTorch implementation of PtychoPINN's inference network (``diffraction_to_obj``).
 
-Written from the bundle-format specification (``docs/ptycho-torch-bundle-format.md`` §3, §8.4-8.5), not from
+Written from the bundle-format specification (``docs/bundle-format.md`` §3, §8.4-8.5), not from
 upstream code. The module tree reproduces upstream's state_dict key for key, shape for shape and dtype for
 dtype (every key starts with ``model.`` because upstream saves its Lightning wrapper), including parameters that
 inference never uses (``forward_model.*``, decoder attention blocks), so bundles load strictly both ways.
@@ -10,102 +10,17 @@ The network is built from a :class:`NetworkConfig` alone and never reads the glo
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigMismatchError, UnsupportedBundleError
+from mlflow_ptycho_flavor.errors import UnsupportedBundleError
+from mlflow_ptycho_flavor.network.config import NetworkConfig
 
-__all__ = ["NetworkConfig", "PtychoPINNNetwork", "encoder_depth", "SUPPORTED_ARCHITECTURES"]
-
-SUPPORTED_ARCHITECTURES = ("cnn",)
-_CNN_OUTPUT_MODES = ("amp_phase", "real_imag")
-_MODES = ("Unsupervised", "Supervised")
-
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    """Every knob that changes the state_dict or the numerics of ``forward_predict`` (spec §8.1 roles S/F).
-
-    Field names follow upstream's torch ``ModelConfig``/``DataConfig`` (``C_model`` is the channel count
-    ``gridsize**2``). Instances are immutable: a built network keeps its own copy.
-    """
-
-    N: int = 64
-    C_model: int = 1
-    n_filters_scale: int = 2
-    object_big: bool = True
-    probe_big: bool = True
-    amp_activation: str = "sigmoid"
-    mode: str = "Unsupervised"
-    architecture: str = "cnn"
-    cnn_output_mode: str = "amp_phase"
-    use_shared_decoder: bool = False
-    batch_norm: bool = False
-    cbam_encoder: bool = True
-    cbam_bottleneck: bool = False
-    eca_encoder: bool = False
-    cbam_decoder: bool = False
-    eca_decoder: bool = False
-    spatial_decoder: bool = False
-    decoder_spatial_kernel: int = 7
-    use_legacy_decoder_channel_override: bool = False
-    decoder_last_amp_channels: int = 1
-    decoder_last_c_outer_fraction: float = 0.125
-    num_datasets: int = 1
-    intensity_scale_trainable: bool = False
-    intensity_scale: float = 10000.0
-
-    def __post_init__(self) -> None:
-        if self.N not in (64, 128, 256):
-            raise ConfigMismatchError(f"N={self.N} is not supported; supported patch sizes: 64, 128, 256")
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedBundleError(
-                f"architecture={self.architecture!r} is not supported by this loader (supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}); the FNO-family generators are not implemented"
-            )
-        if self.mode not in _MODES:
-            raise UnsupportedBundleError(f"mode={self.mode!r} is not supported; expected one of {_MODES}")
-        if self.cnn_output_mode not in _CNN_OUTPUT_MODES:
-            raise UnsupportedBundleError(
-                f"cnn_output_mode={self.cnn_output_mode!r} is not supported; expected one of {_CNN_OUTPUT_MODES}"
-            )
-        for name in ("C_model", "n_filters_scale", "num_datasets", "decoder_spatial_kernel"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigMismatchError(f"{name} must be a positive int, got {value!r}")
-        if self.use_legacy_decoder_channel_override and self.object_big:
-            if self.decoder_last_amp_channels not in (1, self.C_model):
-                raise ConfigMismatchError(
-                    f"decoder_last_amp_channels={self.decoder_last_amp_channels} must be 1 or C_model="
-                    f"{self.C_model} when use_legacy_decoder_channel_override is set"
-                )
-
-    # Derived quantities -------------------------------------------------------------------------------------
-    @property
-    def channels(self) -> int:
-        """Input/output channels of the network: ``C_model`` with ``object_big``, else 1."""
-        return self.C_model if self.object_big else 1
-
-    @property
-    def gridsize(self) -> int:
-        return int(round(math.sqrt(self.C_model)))
-
-    @property
-    def effective_output_mode(self) -> str:
-        """``real_imag`` only for an Unsupervised CNN asking for it (Supervised forces amp_phase)."""
-        if self.mode == "Unsupervised" and self.cnn_output_mode == "real_imag":
-            return "real_imag"
-        return "amp_phase"
-
-    def replace(self, **changes: object) -> "NetworkConfig":
-        return dataclasses.replace(self, **changes)
+__all__ = ["PtychoPINNNetwork", "encoder_depth"]
 
 
 def encoder_depth(N: int) -> int:
@@ -114,7 +29,7 @@ def encoder_depth(N: int) -> int:
 
 
 def _widths(cfg: NetworkConfig) -> tuple[list[int], list[int]]:
-    """Encoder block widths and decoder trunk widths (spec §3.2)."""
+    """Encoder block widths and decoder trunk widths (docs/bundle-format.md §3.2)."""
     s = cfg.n_filters_scale
     depth = encoder_depth(cfg.N)
     encoder = [128 * s // 2 ** (depth - 1 - i) for i in range(depth)]
@@ -163,7 +78,7 @@ class _CBAM(nn.Module):
 
 
 class _ECA(nn.Module):
-    """Efficient channel attention with a fixed kernel of 3 (spec §8.5.3)."""
+    """Efficient channel attention with a fixed kernel of 3 (docs/bundle-format.md §8.5.3)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -262,7 +177,7 @@ def _decoder_attention_blocks(cfg: NetworkConfig, trunk: list[int]) -> nn.Module
 
 
 def _border_mask(N: int) -> torch.Tensor:
-    """1 on the outer ring, 0 on the centre square ``[N/4, 3N/4)`` (spec §3.4); always a real CPU tensor."""
+    """1 on the outer ring, 0 on the centre square ``[N/4, 3N/4)`` (docs/bundle-format.md §3.4); always a real CPU tensor."""
     quarter = N // 4
     mask = torch.ones(1, 1, N, N, device="cpu")
     mask[..., quarter : N - quarter, quarter : N - quarter] = 0
@@ -379,7 +294,7 @@ class _RefinementBlock(nn.Module):
 
 
 class _SharedDecoder(nn.Module):
-    """``decoder_shared`` (spec §8.5.5): one trunk with refinement blocks and ECA, one 2-branch head."""
+    """``decoder_shared`` (docs/bundle-format.md §8.5.5): one trunk with refinement blocks and ECA, one 2-branch head."""
 
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
@@ -469,7 +384,7 @@ class _PtychoPINNCore(nn.Module):
 class PtychoPINNNetwork(nn.Module):
     """The ``diffraction_to_obj`` network: amplitudes ``(B, C, N, N)`` float32 -> complex64 object patches.
 
-    ``forward(x, input_scale_factor)`` follows upstream's ``forward_predict`` (spec §4.1, §8.4): the input is
+    ``forward(x, input_scale_factor)`` follows upstream's ``forward_predict`` (docs/bundle-format.md §4.1, §8.4): the input is
     multiplied by the caller's per-sample factor, unless the model carries a trainable intensity scale, in
     which case ``exp(float32(ln intensity_scale))`` replaces it. Use :meth:`eval` before inference (batch norm
     uses running statistics only in eval mode); :func:`~mlflow_ptycho_flavor.bundle.load_torch_bundle` returns
@@ -483,7 +398,7 @@ class PtychoPINNNetwork(nn.Module):
         super().__init__()
         self.config = config
         with warnings.catch_warnings():
-            # N=256 with n_filters_scale=1 has a zero-width CBAM gate (spec §8.5.2); its init is a no-op.
+            # N=256 with n_filters_scale=1 has a zero-width CBAM gate (docs/bundle-format.md §8.5.2); its init is a no-op.
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             self.model = _PtychoPINNCore(config)
         self._real_imag = config.effective_output_mode == "real_imag"

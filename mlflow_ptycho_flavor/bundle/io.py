@@ -1,0 +1,506 @@
+"""Read, load and write standalone ``wts.h5.zip`` bundles in upstream PtychoPINN's PyTorch layout.
+
+Layout written (docs/bundle-format.md §1.3, §7): ``manifest.dill``, ``diffraction_to_obj/model.pth`` (state_dict),
+``diffraction_to_obj/params.dill``, ``autoencoder/model.pth`` (``{'_sentinel': 'autoencoder'}``),
+``autoencoder/params.dill`` (the same snapshot), and ``torch_scaling_metadata.pt`` (the torch configs upstream's
+metadata-aware loader rebuilds the network from). The manifest adds ``backend`` and a sha256 per member, which
+upstream ignores.
+
+The reader never extracts to disk and never writes anything: it opens regular files only, reads named members
+into memory with size caps, refuses path tricks, symlinks, duplicate names, encrypted members and zip bombs,
+decodes ``.dill`` members with a restricted unpickler (:mod:`.safe_pickle`) and ``.pth`` / ``.pt`` members with
+``torch.load(weights_only=True)`` after checking that their pickle names only the globals a state_dict needs,
+verifies hashes when present, checks the weights against the configured network on the ``meta`` device (no
+memory allocated) before anything real is built, restores the params snapshot into the global config
+(CONFIG-001), and loads the weights strictly. Every failure is a :class:`~.errors.BundleError` subclass; anything
+unexpected raised while decoding untrusted bytes is wrapped, never leaked. Nothing here imports MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import pickle
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlflow_ptycho_flavor._io import PathLike
+from mlflow_ptycho_flavor.bundle import params as params_module
+from mlflow_ptycho_flavor.bundle.archive import (
+    BUNDLE_FILE_NAME,
+    DEFAULT_LIMITS,
+    ArchiveReader,
+    BundleLimits,
+    resolve_bundle_path,
+    write_zip,
+)
+from mlflow_ptycho_flavor.bundle.compat import (
+    check_fits,
+    check_input_scale,
+    check_state_dict_values,
+    config_errors,
+    detect_era,
+    stored_bytes,
+    strict_load,
+)
+from mlflow_ptycho_flavor.bundle.metadata import (
+    check_params_agree,
+    make_metadata,
+    network_config_from_metadata,
+    network_config_from_params,
+    validate_metadata,
+)
+from mlflow_ptycho_flavor.bundle.unpickle import (
+    check_plain_data,
+    plain_equal,
+    safe_loads,
+    torch_load,
+    unsafe_loading_allowed,
+)
+from mlflow_ptycho_flavor.errors import (
+    ConfigMismatchError,
+    CorruptBundleError,
+    TensorFlowBundleError,
+    UnsupportedBundleError,
+    short_repr,
+)
+from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork, resolve_device
+
+__all__ = [
+    "BUNDLE_FILE_NAME",
+    "BundleContents",
+    "read_bundle",
+    "load_torch_bundle",
+    "save_torch_bundle",
+]
+
+_logger = logging.getLogger(__name__)
+
+MANIFEST_MEMBER = "manifest.dill"
+METADATA_MEMBER = "torch_scaling_metadata.pt"
+INFERENCE_MODEL = "diffraction_to_obj"
+AUTOENCODER_MODEL = "autoencoder"
+MODEL_NAMES = (INFERENCE_MODEL, AUTOENCODER_MODEL)
+SENTINEL = {"_sentinel": "autoencoder"}
+BACKEND = "pytorch"
+_PICKLE_PROTOCOL = 4  # dill's default on Python <= 3.13, what upstream writes
+
+
+@dataclass
+class BundleContents:
+    """Everything decoded from a bundle, before or after the network is built.
+
+    Attributes:
+        path: the archive read.
+        manifest: the decoded ``manifest.dill``.
+        params: the ``params.dill`` snapshot (identical in every model folder).
+        metadata: the validated ``torch_scaling_metadata.pt`` dict, or None when the bundle has none.
+        network_config: the configuration the network is built from.
+        state_dict: the ``diffraction_to_obj`` weights (CPU tensors).
+        hashes_verified: member names whose sha256 matched the manifest.
+        member_sizes: uncompressed size of every member.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    params: dict[str, Any]
+    metadata: dict[str, Any] | None
+    network_config: NetworkConfig
+    state_dict: "OrderedDict[str, torch.Tensor]"
+    hashes_verified: list[str] = field(default_factory=list)
+    member_sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def backend(self) -> str:
+        return self.manifest.get("backend", BACKEND)
+
+    @property
+    def intensity_scale(self) -> float | None:
+        value = self.params.get("intensity_scale")
+        return float(value) if value is not None else None
+
+    def build_network(
+        self, device: str | torch.device | None = None, *, adopt_weights: bool = False
+    ) -> PtychoPINNNetwork:
+        """Build the network from :attr:`network_config`, strict-load the weights, eval mode, on ``device``.
+
+        Args:
+            device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
+            adopt_weights: let the network take over :attr:`state_dict`'s tensors instead of copying them (no
+                random init, no copy: what the loaders use when the contents are discarded afterwards). Networks
+                built with it from the same contents share their weights.
+
+        Raises:
+            ValueError: ``device`` is not valid or not available.
+            ConfigMismatchError: the configuration cannot be built.
+            StateDictMismatchError: the weights do not fit it.
+        """
+        target = resolve_device(device)
+        check_fits(self.network_config, self.state_dict, stored_bytes(self.state_dict))
+        if adopt_weights:
+            with config_errors("diffraction_to_obj/model.pth"):
+                network = PtychoPINNNetwork.from_state_dict(self.network_config, self.state_dict)
+            return network.to(target).eval()
+        with config_errors("the bundle's network configuration"):
+            network = PtychoPINNNetwork(self.network_config)
+        strict_load(network, self.state_dict)
+        return network.to(target).eval()
+
+
+def _decode_manifest(reader: ArchiveReader, allow_unsafe: bool | None) -> dict[str, Any]:
+    if MANIFEST_MEMBER not in reader:
+        if any(n.endswith("model.keras") for n in reader.names):
+            raise TensorFlowBundleError(
+                f"{reader.path} holds model.keras files but no manifest.dill: a TensorFlow PtychoPINN archive; "
+                "load it with upstream's TensorFlow ModelManager, not the PyTorch loader"
+            )
+        raise CorruptBundleError(
+            f"{reader.path} has no manifest.dill: not a PtychoPINN bundle (members: {sorted(reader.names)[:10]})"
+        )
+    manifest = safe_loads(reader.read(MANIFEST_MEMBER), member=MANIFEST_MEMBER, allow_unsafe=allow_unsafe)
+    if not isinstance(manifest, dict):
+        raise CorruptBundleError(
+            f"manifest.dill must hold a dict {{'models': [...], 'version': ...}}, got {type(manifest).__name__}"
+        )
+    version = manifest.get("version")
+    models = manifest.get("models")
+    if (isinstance(version, str) and version == "1.0") or any(n.endswith("model.keras") for n in reader.names):
+        raise TensorFlowBundleError(
+            f"{reader.path} is a TensorFlow PtychoPINN archive (manifest version {version!r}, model.keras "
+            "members): this PyTorch loader cannot rebuild Keras models; load it with upstream's TensorFlow "
+            "loader (ptycho.model_manager.ModelManager.load_multiple_models), or re-train with the PyTorch backend"
+        )
+    if not isinstance(version, str):
+        raise CorruptBundleError(f"manifest.dill['version'] must be a str, got {short_repr(version)}")
+    if version != params_module.PYTORCH_BUNDLE_VERSION:
+        raise UnsupportedBundleError(
+            f"manifest version {short_repr(version)} is not supported; this loader reads "
+            f"{params_module.PYTORCH_BUNDLE_VERSION!r} bundles"
+        )
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+        raise CorruptBundleError(
+            f"manifest.dill['models'] must be a non-empty list of names, got {short_repr(models)}"
+        )
+    if len(set(models)) != len(models) or len(models) > reader.limits.max_members:
+        raise CorruptBundleError(
+            f"manifest.dill['models'] must list distinct model names (at most {reader.limits.max_members}), got "
+            f"{short_repr(models)}"
+        )
+    if INFERENCE_MODEL not in models:
+        raise CorruptBundleError(
+            f"manifest lists models {short_repr(models)} but not {INFERENCE_MODEL!r}, the network inference needs"
+        )
+    backend = manifest.get("backend", BACKEND)
+    if not isinstance(backend, str) or backend != BACKEND:
+        raise UnsupportedBundleError(f"manifest backend {short_repr(backend)} is not supported; expected {BACKEND!r}")
+    hashes = manifest.get("sha256")
+    if hashes is not None and (
+        not isinstance(hashes, dict)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items())
+    ):
+        raise CorruptBundleError("manifest.dill['sha256'] must map member names to hex digests")
+    return manifest
+
+
+def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: list[str]) -> None:
+    expected = (manifest.get("sha256") or {}).get(name)
+    if expected is None:
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        raise CorruptBundleError(
+            f"member {name!r} does not match the sha256 recorded in manifest.dill (expected {expected[:16]}..., "
+            f"got {actual[:16]}...): the bundle was modified or damaged after it was written"
+        )
+    verified.append(name)
+
+
+def read_bundle(
+    path: PathLike,
+    *,
+    allow_unsafe: bool | None = None,
+    legacy_scaling: bool = False,
+    limits: BundleLimits = DEFAULT_LIMITS,
+) -> BundleContents:
+    """Decode and validate a bundle without building the network or touching the global config.
+
+    Reads nothing but the named members, into memory (nothing is extracted or written), and checks the weights
+    against the configured network on the ``meta`` device, so a bundle that passes here builds.
+
+    Args:
+        path: ``wts.h5.zip``, its base ``wts.h5``, or a directory holding ``wts.h5.zip``.
+        allow_unsafe: unpickle ``.dill`` members with dill (runs code from the file; trusted files only) and skip
+            the global check of torch members (``torch.load(weights_only=True)`` still applies).
+        legacy_scaling: for bundles without ``torch_scaling_metadata.pt``, reproduce upstream's legacy
+            ``load_torch_bundle`` input scaling instead of honouring the caller's factor (docs/bundle-format.md §4.2).
+        limits: size caps against zip bombs.
+
+    Raises:
+        BundleError: one of its subclasses, naming the cause and the fix.
+    """
+    archive = resolve_bundle_path(path)
+    scan = not unsafe_loading_allowed(allow_unsafe)  # same opt-in as the .dill members
+    reader = ArchiveReader(archive, limits)
+    try:
+        manifest = _decode_manifest(reader, allow_unsafe)
+        verified: list[str] = []
+        snapshots: list[tuple[str, bytes, dict]] = []
+        for model in manifest["models"]:
+            member = f"{model}/params.dill"
+            if member not in reader:
+                raise CorruptBundleError(
+                    f"{archive} lacks {short_repr(member)}, which the manifest's model {short_repr(model)} needs"
+                )
+            raw = reader.read(member)
+            _verify_hash(manifest, member, raw, verified)
+            snapshot = safe_loads(raw, member=member, allow_unsafe=allow_unsafe)
+            with config_errors(member):
+                params_module.validate_params_snapshot(snapshot, source=member)
+            snapshots.append((member, raw, snapshot))
+        first_member, first_raw, params = snapshots[0]
+        for member, raw, snapshot in snapshots[1:]:
+            if raw != first_raw and not plain_equal(snapshot, params):
+                differing = sorted(
+                    str(k) for k in set(snapshot) | set(params)
+                    if k not in snapshot or k not in params or not plain_equal(snapshot[k], params[k])
+                )
+                raise ConfigMismatchError(
+                    f"{member} differs from {first_member} in keys {short_repr(differing[:8])}; every model of a bundle "
+                    "must carry the same params snapshot"
+                )
+        metadata = None
+        if METADATA_MEMBER in reader:
+            raw = reader.read(METADATA_MEMBER)
+            _verify_hash(manifest, METADATA_MEMBER, raw, verified)
+            decoded = torch_load(raw, METADATA_MEMBER, scan=scan)
+            check_plain_data(decoded, member=METADATA_MEMBER, size=len(raw), leaf_types=(torch.Tensor,))
+            with config_errors(METADATA_MEMBER):
+                metadata = validate_metadata(decoded)
+                network_config = network_config_from_metadata(metadata)
+                check_params_agree(params, network_config)
+            check_input_scale(network_config, METADATA_MEMBER)
+        else:
+            with config_errors(first_member):
+                network_config = network_config_from_params(params, legacy_scaling=legacy_scaling)
+            check_input_scale(network_config, first_member)
+        weights_member = f"{INFERENCE_MODEL}/model.pth"
+        raw = reader.read(weights_member)
+        _verify_hash(manifest, weights_member, raw, verified)
+        state_dict = torch_load(raw, weights_member, scan=scan)
+        check_state_dict_values(state_dict, weights_member)
+        detect_era(state_dict, network_config)
+        check_fits(network_config, state_dict, len(raw))
+        hashes = manifest.get("sha256") or {}
+        for name in reader.names:
+            if name not in verified and name != MANIFEST_MEMBER and hashes.get(name):
+                _verify_hash(manifest, name, reader.read(name), verified)
+        member_sizes = {name: reader.size(name) for name in reader.names}
+    finally:
+        reader.close()
+    return BundleContents(
+        path=archive,
+        manifest=manifest,
+        params=params,
+        metadata=metadata,
+        network_config=network_config,
+        state_dict=OrderedDict(state_dict),
+        hashes_verified=verified,
+        member_sizes=member_sizes,
+    )
+
+
+def load_torch_bundle(
+    path: PathLike,
+    *,
+    device: str | torch.device | None = None,
+    restore_params: bool = True,
+    allow_unsafe: bool | None = None,
+    legacy_scaling: bool = False,
+    limits: BundleLimits = DEFAULT_LIMITS,
+) -> tuple[PtychoPINNNetwork, dict[str, Any]]:
+    """Load the ``diffraction_to_obj`` network of a ``wts.h5.zip``, standalone (no MLflow, no server).
+
+    Follows CONFIG-001: the params snapshot is restored into :data:`mlflow_ptycho_flavor.params.cfg` (and
+    upstream's ``ptycho.params.cfg`` when importable) before the network is built. The network itself is built
+    from the bundle alone and strict-loaded.
+
+    Args:
+        path: ``wts.h5.zip``, its base ``wts.h5``, or a directory holding ``wts.h5.zip``.
+        device: ``None``/``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda:0"``, ...
+        restore_params: apply CONFIG-001 (default). Only skip it when nothing in the process reads the global.
+        allow_unsafe: see :func:`read_bundle`.
+        legacy_scaling: see :func:`read_bundle`.
+        limits: size caps against zip bombs.
+
+    Returns:
+        ``(network, params)``: the network in eval mode on ``device``, and the params snapshot.
+
+    Example:
+        >>> model, params = load_torch_bundle("out/wts.h5.zip", device="cpu")  # doctest: +SKIP
+        >>> obj = model(amplitudes, scale)  # complex64 (B, C, N, N)  # doctest: +SKIP
+    """
+    contents = read_bundle(path, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling, limits=limits)
+    if restore_params:
+        params_module.restore_params(contents.params)
+    network = contents.build_network(device, adopt_weights=True)
+    return network, dict(contents.params)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------------------
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _pickle_bytes(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=_PICKLE_PROTOCOL)
+
+
+def _architecture_params(config: NetworkConfig) -> dict[str, Any]:
+    gridsize = config.gridsize
+    if gridsize * gridsize != config.C_model:
+        raise ConfigMismatchError(
+            f"C_model={config.C_model} is not a square gridsize**2; upstream bundles store gridsize only"
+        )
+    return {
+        "N": config.N,
+        "gridsize": gridsize,
+        "n_filters_scale": config.n_filters_scale,
+        "model_type": "pinn" if config.mode == "Unsupervised" else "supervised",
+        "architecture": config.architecture,
+        "amp_activation": config.amp_activation,
+        "object.big": config.object_big,
+        "probe.big": config.probe_big,
+        # Our own training never applies a learned input scale unless the network says so; writing the flag
+        # from the network keeps upstream's legacy loader's input scaling identical to ours.
+        "intensity_scale.trainable": config.intensity_scale_trainable,
+    }
+
+
+def _plain_provenance(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` made of plain data only, so the manifest stays readable by the restricted unpickler."""
+    if depth > 8:
+        raise ValueError("provenance nests deeper than 8 levels")
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"provenance holds a non-finite float {value!r}")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain_provenance(v, depth + 1) for v in value]
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise ValueError("provenance dict keys must be strings")
+        return {k: _plain_provenance(v, depth + 1) for k, v in value.items()}
+    raise ValueError(f"provenance must be plain data, got a {type(value).__name__}")
+
+
+def _split_models(models: Any) -> tuple[PtychoPINNNetwork, Any]:
+    if isinstance(models, PtychoPINNNetwork):
+        return models, SENTINEL
+    if not isinstance(models, Mapping):
+        raise TypeError(
+            "models must be a PtychoPINNNetwork or a dict {'diffraction_to_obj': network, 'autoencoder': ...}, "
+            f"got {type(models).__name__}"
+        )
+    if not models:
+        raise ValueError("models is empty; pass {'diffraction_to_obj': network}")
+    unknown = sorted(set(models) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"models has unknown entries {unknown}; a bundle holds only {list(MODEL_NAMES)}")
+    network = models.get(INFERENCE_MODEL)
+    if not isinstance(network, PtychoPINNNetwork):
+        raise TypeError(
+            f"models['{INFERENCE_MODEL}'] must be a PtychoPINNNetwork (build one from a NetworkConfig), got "
+            f"{type(network).__name__}"
+        )
+    autoencoder = models.get(AUTOENCODER_MODEL, SENTINEL)
+    if isinstance(autoencoder, Mapping):
+        if "_sentinel" not in autoencoder:
+            raise TypeError("models['autoencoder'] must be an nn.Module or a sentinel dict with key '_sentinel'")
+    elif not isinstance(autoencoder, torch.nn.Module):
+        raise TypeError(f"models['autoencoder'] must be an nn.Module or a sentinel dict, got {type(autoencoder).__name__}")
+    return network, autoencoder
+
+
+def save_torch_bundle(
+    models: Any,
+    path: PathLike,
+    config: Mapping[str, Any] | None = None,
+    *,
+    intensity_scale: float | None = None,
+    ci_statistics: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a ``wts.h5.zip`` that upstream PtychoPINN and this package both load exactly.
+
+    Args:
+        models: the ``diffraction_to_obj`` :class:`PtychoPINNNetwork`, or upstream's dict form
+            ``{'diffraction_to_obj': network, 'autoencoder': module_or_sentinel}``.
+        path: ``out/wts.h5`` (upstream's base path, ``.zip`` appended), ``out/wts.h5.zip``, or a directory.
+        config: legacy ``params.cfg`` values to record (``nphotons``, ``nepochs``, ``batch_size``, ...). The
+            architecture keys are taken from the network; giving a conflicting one raises.
+        intensity_scale: the physics scaling constant to record (else ``config['intensity_scale']``, else 1.0).
+        ci_statistics: optional CI statistics for the metadata (docs/bundle-format.md §8.1).
+        provenance: where the weights came from (e.g. the source archive's sha256 when converting), recorded as
+            ``manifest["provenance"]``; plain data only (str, int, float, bool, None, lists and str-keyed dicts).
+            Upstream's loaders ignore manifest keys they do not know.
+
+    Returns:
+        The archive path written. The write is atomic: a temp file in the same folder renamed into place, so an
+        existing bundle survives any failure.
+    """
+    network, autoencoder = _split_models(models)
+    arch = _architecture_params(network.config)
+    overrides = dict(config or {})
+    for key, value in arch.items():
+        if key in overrides and key != "intensity_scale.trainable" and overrides[key] != value:
+            raise ConfigMismatchError(
+                f"config[{key!r}]={overrides[key]!r} conflicts with the network's {key}={value!r}; the params "
+                "snapshot must describe the network being saved"
+            )
+    overrides.update(arch)
+    if intensity_scale is not None and (not isinstance(intensity_scale, (int, float)) or isinstance(intensity_scale, bool) or not math.isfinite(intensity_scale)):
+        raise ValueError(f"intensity_scale must be a finite number, got {intensity_scale!r}")
+    snapshot = params_module.make_params_snapshot(overrides, intensity_scale=intensity_scale)
+    metadata = make_metadata(network.config, snapshot, ci_statistics=ci_statistics)
+    params_bytes = _pickle_bytes(snapshot)
+    state = OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in network.state_dict().items())
+    if isinstance(autoencoder, torch.nn.Module):
+        auto_payload: Any = OrderedDict((k, v.detach().to("cpu")) for k, v in autoencoder.state_dict().items())
+    else:
+        auto_payload = dict(autoencoder)
+    members = [
+        (f"{INFERENCE_MODEL}/model.pth", _torch_bytes(state)),
+        (f"{INFERENCE_MODEL}/params.dill", params_bytes),
+        (f"{AUTOENCODER_MODEL}/model.pth", _torch_bytes(auto_payload)),
+        (f"{AUTOENCODER_MODEL}/params.dill", params_bytes),
+        (METADATA_MEMBER, _torch_bytes(metadata)),
+    ]
+    manifest = {
+        "models": [INFERENCE_MODEL, AUTOENCODER_MODEL],
+        "version": params_module.PYTORCH_BUNDLE_VERSION,
+        "backend": BACKEND,
+        "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in members},
+    }
+    if provenance is not None:
+        manifest["provenance"] = _plain_provenance(provenance)
+    target = resolve_bundle_path(path, for_writing=True)
+    write_zip(target, [(MANIFEST_MEMBER, _pickle_bytes(manifest))] + members)
+    _logger.info("wrote PtychoPINN bundle %s", target)
+    return target

@@ -1,0 +1,2 @@
+"""Foreign model formats in, standalone bundles out (TensorFlow archives, Lightning checkpoints). Never imports
+MLflow."""
