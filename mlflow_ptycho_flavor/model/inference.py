@@ -47,7 +47,7 @@ OUTPUT_FORMATS = ("complex", "real_imag", "amp_phase")
 INPUT_KINDS = ("amplitude", "intensity")
 NORMALIZE_MODES = ("none", "dataset")
 #: Patterns per forward pass when the caller gives none: small chunks are faster on CPU (cache-resident
-#: activations: 1.47x at B=128 in chunks of 16, benchmarks/RESULTS.md), large ones on a GPU.
+#: activations; benchmarks/RESULTS.md has the measurement), large ones on a GPU.
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_CPU_BATCH_SIZE = 16
 
