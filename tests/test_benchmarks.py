@@ -1,153 +1,212 @@
-"""The benchmark cannot rot: ``benchmarks/run.py --quick --fast-paths`` runs end to end and writes a full report.
+"""The benchmark cannot rot: ``benchmarks/run.py --quick --fast-paths`` runs end to end and writes its records.
 
-The quick run is a smoke test (tiny sizes, 2 repeats): only the report's shape and the sanity of its numbers are
-checked here (every section and summary row present, every comparison row marked met / NOT met / n/a, medians and
-ratios positive and finite), never whether a target is met.
+The quick run is a smoke test (tiny sizes, 2 repeats): the checks are on the JSON records it writes (every
+section present, the fields each record kind must have, timings positive and finite, quartiles and ranges ordered,
+ratios finite, served answers all right), never on whether a target is met and never on markdown labels. The pure
+parts of the harness (statistics, targets, the atomic writer, cell formats) are tested directly.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import re
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-SECTIONS = [
-    "## Summary",
-    "## 1. Predict",
-    "## 2. Load",
-    "## 3. Serving",
-    "## 4. Size and memory",
-    "## 5. Scaling",
-    "## 6. Optional fast paths",
-    "## Machine",
-]
+from benchmarks.records import Check, Ratio, Stats, Target  # noqa: E402
+from benchmarks.report import render_cell, write_atomically  # noqa: E402
 
-SUMMARY_ROWS = [
-    "pyfunc/raw throughput, g1 B=16",
-    "pyfunc/raw throughput, g2 B=16",
-    "pyfunc per-call overhead, batch 1",
-    "load_torch_bundle / floor, g1",
-    "load_torch_bundle / mlflow.pytorch.load_model (pt2), g1",
-    "flavor.load_model / floor, g1",
-    "flavor.load_model / mlflow.pytorch.load_model (pt2), g1",
-    "pyfunc.load_model (ours) / floor, g1",
-    "pyfunc.load_model (ours) / pyfunc.load_model (mlflow.pytorch pt2), g1",
-    "load_torch_bundle / mlflow.pytorch.load_model (pickle), g1",
-    "pyfunc.load_model (ours) / pyfunc.load_model (mlflow.pytorch pickle), g1",
-    "ours/mlflow.pytorch req/s, B=1",
-    "JSON encode share of predict+encode, B=1",
-    "bundle / raw state_dict bytes, g1",
-    "bundle / raw state_dict bytes, g2",
-    "load_torch_bundle peak RSS growth, g1",
-    "flavor.load_model peak RSS growth, g1",
-    "pyfunc.load_model peak RSS growth, g1",
-    "batch exponent k (N=64)",
-    "time N=128 / N=64",
-    "B=16 in chunks of 4 vs one chunk",
-    "options worth it",
-]
-
-MACHINE_ROWS = ["CPU", "logical cores", "device benchmarked", "torch intra-op / inter-op threads", "torch", "mlflow",
-                "numpy", "load average"]
-
-UNITS = {"s": 1.0, "ms": 1e-3, "µs": 1e-6}
-TIME = r"(-?[0-9.]+(?:e[-+]?\d+)?) (s|ms|µs)"
-STAT = re.compile(rf"^{TIME} \[{TIME}–{TIME}\]$")
-RATIO = re.compile(r"^(-?[0-9.]+(?:e[-+]?\d+)?)x$")
-MET_CELL = re.compile(r"^(met|NOT met|n/a)( \(.*\))?$")
+QUICK_SECTIONS = ["predict", "load", "serving", "size", "scaling", "fast"]
+REPEATS = 2  # --quick
 
 
-def _tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
-    """Every markdown table as (header, rows), cells stripped (escaped pipes kept inside cells)."""
-    tables, lines = [], text.splitlines()
-    i = 0
-    split = lambda line: [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]  # noqa: E731
-    while i < len(lines):
-        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
-            header = split(lines[i])
-            rows = []
-            i += 2
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(split(lines[i]))
-                i += 1
-            tables.append((header, rows))
-        else:
-            i += 1
-    return tables
+# ----------------------------------------------------------------------------------------------------------------
+# Pure parts
+# ----------------------------------------------------------------------------------------------------------------
+def test_stats_are_numpy_percentiles_and_keep_the_samples_in_order():
+    samples = [0.5, 0.1, 0.4, 0.2, 0.3, 0.9]
+    stats = Stats.of(samples)
+    assert stats.samples == tuple(samples)
+    assert (stats.q25, stats.median, stats.q75) == tuple(np.percentile(samples, [25, 50, 75]))
+    with pytest.raises(ValueError):
+        Stats.of([])
 
 
+def test_paired_ratio_pairs_repeat_by_repeat():
+    numerator, denominator = Stats.of([2.0, 6.0, 3.0]), Stats.of([1.0, 2.0, 3.0])
+    ratio = Ratio.paired(numerator, denominator)  # per repeat: 2, 3, 1
+    assert (ratio.median, ratio.low, ratio.high) == (2.0, 1.0, 3.0)
+    with pytest.raises(ValueError):
+        Ratio.paired(numerator, Stats.of([1.0, 2.0]))
+
+
+@pytest.mark.parametrize(
+    ("target", "value", "holds"),
+    [
+        (Target(low=0.95), 0.95, True),
+        (Target(low=0.95), 0.9499, False),
+        (Target(high=1.2), 1.2, True),
+        (Target(high=1.0, strict_high=True), 1.0, False),
+        (Target(high=1.0, strict_high=True), 0.999, True),
+        (Target(low=0.8, high=1.1, unit=""), 1.11, False),
+        (Target(low=0.8), math.nan, False),
+        (Target(high=4.0), math.inf, False),
+    ],
+)
+def test_target_bounds(target, value, holds):
+    assert target.holds(value) is holds
+
+
+def test_check_met_needs_the_extra_condition_and_is_none_without_a_target():
+    target = Target(low=1.10, also="max |diff| <= 1e-4")
+    assert Check.of("s", "fast", 1.5, target).met is True
+    assert Check.of("s", "fast", 1.5, target, condition=False).met is False
+    assert Check.of("s", "reported", 1.5, None).met is None
+
+
+def test_cells_render_numbers_in_their_format():
+    assert render_cell(None, "time") == ""
+    assert render_cell(None, "met") == "n/a"
+    assert render_cell(False, "met") == "NOT met"
+    assert render_cell(0.0123, "time") == "12.3 ms"
+    assert render_cell(0.222, "percent") == "22.2%"
+    assert render_cell(3 * 1024 * 1024, "bytes") == "3.00 MiB"
+    assert render_cell(Target(high=1.0, strict_high=True), "target") == "< 1x"
+    assert render_cell(Target(high=0.2, unit="%"), "target") == "<= 20%"
+    assert render_cell(Ratio(1.5, 1.25, 2.0), "text") == "1.5x [1.25–2]"
+
+
+def test_write_atomically_replaces_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out" / "RESULTS.md"
+    write_atomically(target, "first\n")
+    write_atomically(target, "second\n")
+    assert target.read_text(encoding="utf-8") == "second\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["RESULTS.md"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The quick run, end to end
+# ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("bench") / "RESULTS.md"
+def quick_run(tmp_path_factory) -> tuple[dict[str, Any], str, Path]:
+    folder = tmp_path_factory.mktemp("bench")
+    out, records = folder / "RESULTS.md", folder / "records.json"
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     completed = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--quick", "--fast-paths", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [sys.executable, "benchmarks/run.py", "--quick", "--fast-paths", "--out", str(out), "--records", str(records)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert out.exists(), completed.stderr[-2000:]
-    return out.read_text(encoding="utf-8")
+    return json.loads(records.read_text(encoding="utf-8")), out.read_text(encoding="utf-8"), folder
 
 
-def test_quick_report_has_every_section_and_summary_row(report):
-    for heading in SECTIONS:
-        assert heading in report, heading
-    header, rows = _tables(report.split("## Summary", 1)[1])[0]
-    assert header == ["section", "what", "value", "target", "met"]
-    labels = [row[1] for row in rows]
-    for label in SUMMARY_ROWS:
-        assert any(l.startswith(label) for l in labels), (label, labels)
-    for row in rows:
-        assert MET_CELL.match(row[-1]), row
+def _records(data: dict[str, Any], key: str, kind: str) -> list[dict[str, Any]]:
+    section = next(s for s in data["sections"] if s["key"] == key)
+    return [r for t in section["tables"] if t["kind"] == kind for r in t["records"]]
 
 
-def test_quick_report_tables_are_well_formed_and_marked(report):
-    tables = _tables(report)
-    assert len(tables) >= 15
-    for header, rows in tables:
-        for row in rows:
-            assert len(row) == len(header), (header, row)
-            for cell in row:
-                assert not re.search(r"\b(nan|inf)\b", cell, re.IGNORECASE), (header, row)
-        if header and header[-1] == "met":
-            assert rows, header
-            for row in rows:
-                assert MET_CELL.match(row[-1]), (header, row)
+def _walk(value: Any) -> Iterator[dict[str, Any]]:
+    """Every JSON object nested in ``value``."""
+    if isinstance(value, dict):
+        yield value
+        for item in value.values():
+            yield from _walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk(item)
 
 
-def test_quick_report_numbers_are_positive_and_finite(report):
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_quick_run_has_every_section_and_well_formed_checks(quick_run):
+    data, _, _ = quick_run
+    assert [s["key"] for s in data["sections"]] == QUICK_SECTIONS
+    checks = [c for s in data["sections"] for c in s["checks"]]
+    assert {c["section"].split()[0] for c in checks} == {"1", "2", "3", "4", "5", "6"}
+    for check in checks:
+        assert math.isfinite(check["value"]), check
+        assert check["unit"] in ("x", "%", "s", "B", ""), check
+        assert (check["met"] is None) == (check["target"] is None), check
+        assert check["met"] in (True, False, None), check
+
+
+@pytest.mark.slow
+def test_quick_run_statistics_are_positive_finite_and_ordered(quick_run):
+    data, _, _ = quick_run
     stats = ratios = 0
-    for header, rows in _tables(report):
-        for row in rows:
-            for column, cell in zip(header, row):
-                match = STAT.match(cell)
-                if match:
-                    values = [float(match.group(i)) * UNITS[match.group(i + 1)] for i in (1, 3, 5)]
-                    assert all(math.isfinite(v) and v > 0 for v in values), (column, cell)
-                    assert values[1] <= values[0] <= values[2], (column, cell)  # IQR brackets the median
-                    stats += 1
-                match = RATIO.match(cell)
-                if match and "gain" not in column and "−" not in column:
-                    value = float(match.group(1))
-                    assert math.isfinite(value) and value > 0, (column, cell)
-                    ratios += 1
-    assert stats >= 40 and ratios >= 20, (stats, ratios)
+    for obj in _walk(data["sections"]):
+        if set(obj) == {"samples", "median", "q25", "q75"}:
+            assert len(obj["samples"]) >= REPEATS and all(_positive(v) for v in obj["samples"]), obj
+            assert min(obj["samples"]) <= obj["q25"] <= obj["median"] <= obj["q75"] <= max(obj["samples"]), obj
+            stats += 1
+        elif set(obj) == {"median", "low", "high"}:
+            assert all(_positive(obj[k]) for k in obj) and obj["low"] <= obj["median"] <= obj["high"], obj
+            ratios += 1
+    assert stats >= 30 and ratios >= 20, (stats, ratios)  # the quick run has 39 and 33
 
 
-def test_quick_report_serving_and_machine_rows(report):
-    serving = report.split("## 3. Serving", 1)[1].split("## 4.", 1)[0]
-    header, rows = _tables(serving)[0]
-    for row in rows:
-        record = dict(zip(header, row))
-        assert float(record["req/s"]) > 0 and record["wrong/5xx"] == "0", row
-    machine = dict((row[0], row[1]) for row in _tables(report.split("## Machine", 1)[1])[0][1])
-    for key in MACHINE_ROWS:
-        assert any(k.startswith(key) and v for k, v in machine.items()), key
-    assert machine["device benchmarked"] == "cpu"
+@pytest.mark.slow
+def test_quick_run_section_records(quick_run):
+    data, _, _ = quick_run
+    predict = _records(data, "predict", "PredictComparison")
+    assert sorted((r["gridsize"], r["batch"]) for r in predict) == [(1, 1), (1, 16), (2, 1), (2, 16)]
+    for row in predict:  # the same network on the same input; pyfunc runs it in one chunk at these batches
+        assert row["max_abs_diff"] <= 1e-5 and 0 < row["implied"] <= 1.0 + 1e-9, row
+    layers = _records(data, "predict", "LayerOverhead")
+    assert {r["batch"] for r in layers} == {1, 16} and all(_positive(r["seconds"]) for r in layers)
+
+    loads = _records(data, "load", "LoadTiming")
+    assert len(loads) == 8 and len(_records(data, "load", "LoadComparison")) == 6
+    assert all(_positive(r["time"]["median"]) for r in loads)
+    assert _records(data, "load", "ProfileEntry") and _records(data, "load", "LoadPhase")
+
+    served = _records(data, "serving", "ServedLoad")
+    assert {r["server"] for r in served} == {"ours", "mlflow.pytorch"}
+    for row in served:
+        assert row["requests"] > 0 and row["bad"] == 0 and _positive(row["requests_per_s"]), row
+        assert 0 < row["p50_seconds"] <= row["p99_seconds"], row
+    for row in _records(data, "serving", "ScoringSteps"):
+        assert 0 < row["encode_share"] < 1 and row["response_bytes"] > 0, row
+
+    sizes = _records(data, "size", "ArtifactSize")
+    bundles = [r for r in sizes if r["target"] is not None]
+    assert len(bundles) == 2 and all(0.5 < r["vs_raw"] < 1.5 for r in bundles), bundles
+    memory = _records(data, "size", "LoadMemory")
+    assert len(memory) == 5 and all(r["peak_growth"] > 0 and math.isfinite(r["vs_floor"]) for r in memory)
+
+    fits = _records(data, "scaling", "ScalingFit")
+    assert len(fits) == 2 and all(math.isfinite(r["value"]) and r["value"] > 0 for r in fits)
+    assert {(r["N"], r["batch"]) for r in _records(data, "scaling", "ScalingPoint")} == {(64, 1), (64, 4), (64, 16),
+                                                                                         (128, 4)}
+
+    fast = _records(data, "fast", "FastPath")
+    timed = [r for r in fast if r["speed"] is not None]
+    assert any(r["option"].startswith("channels_last") for r in timed), fast
+    assert all(r["max_abs_diff"] <= 1e-4 for r in timed), timed  # same network; layouts/threads reorder sums only
+
+
+@pytest.mark.slow
+def test_quick_run_machine_and_no_absolute_paths(quick_run):
+    data, markdown, folder = quick_run
+    machine = data["machine"]
+    assert machine["device"] == "cpu" and machine["repeats"] == REPEATS and machine["usable_cores"] >= 1
+    assert machine["threads_pinned"] is True and machine["torch_threads"] == 1  # --quick pins one thread
+    assert machine["command"].startswith("python benchmarks/run.py --quick")
+    text = json.dumps(data)
+    for path in {str(REPO), str(folder), str(folder.resolve())}:
+        assert path not in markdown and path not in text, path
+    tables = sum(len(s["tables"]) for s in data["sections"]) + 2  # + the summary and the machine
+    assert sum(line.startswith("|---") for line in markdown.splitlines()) == tables

@@ -1,0 +1,188 @@
+"""Section 2: our loaders against the floor and against the same network saved by ``mlflow.pytorch``.
+
+The floor is ``torch.load`` of the bare state_dict (``weights_only=True``) + constructing the network +
+``load_state_dict(strict=True)`` + eval: what any loader must at least do. ``mlflow.pytorch`` is measured in both
+serialization formats: ``pt2`` (its default, loaded without the pickle opt-in, so MLflow's pickle-free check of
+the archive runs) and ``pickle`` (loaded with ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``).
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from benchmarks.config import Context
+from benchmarks.harness import env_var, profile
+from benchmarks.models import ModelSet, floor_load
+from benchmarks.records import Check, ProfileEntry, Ratio, RecordTable, SectionResult, Stats, Target, column
+
+__all__ = ["KEY", "TITLE", "FLOOR_TARGET", "COUNTERPARTS", "LoadTiming", "LoadComparison", "LoadPhase", "run"]
+
+KEY = "load"
+TITLE = "2. Load: our loaders vs the floor and mlflow.pytorch"
+PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+#: Each of our loads against the floor.
+FLOOR_TARGET = Target(high=1.2)
+#: Our loader -> its ``mlflow.pytorch`` counterparts (native vs native, pyfunc vs pyfunc) and the target on
+#: ours / counterpart.
+COUNTERPARTS: dict[str, dict[str, Target]] = {
+    "load_torch_bundle": {"mlflow.pytorch.load_model (pt2)": Target(high=1.0, strict_high=True),
+                          "mlflow.pytorch.load_model (pickle)": Target(high=1.0, strict_high=True)},
+    "flavor.load_model": {"mlflow.pytorch.load_model (pt2)": Target(high=1.0, strict_high=True),
+                          "mlflow.pytorch.load_model (pickle)": Target(high=1.0, strict_high=True)},
+    "pyfunc.load_model (ours)": {"pyfunc.load_model (mlflow.pytorch pt2)": Target(high=1.0, strict_high=True),
+                                 "pyfunc.load_model (mlflow.pytorch pickle)": Target(high=1.0, strict_high=True)},
+}
+
+
+@dataclass(frozen=True)
+class LoadTiming:
+    """Seconds of one load (local path, warm file cache), and its paired ratio to the floor."""
+
+    N: int = column("N")
+    gridsize: int = column("gridsize")
+    loader: str = column("loader")
+    time: Stats = column("median [IQR]")
+    vs_floor: Ratio = column("vs floor [per-repeat range]")
+
+
+@dataclass(frozen=True)
+class LoadComparison:
+    """One of our loaders against the floor and one ``mlflow.pytorch`` counterpart."""
+
+    N: int = column("N")
+    gridsize: int = column("gridsize")
+    ours: str = column("our loader")
+    ours_seconds: float = column("ours", "time")
+    floor_seconds: float = column("floor", "time")
+    vs_floor: Ratio = column("ours/floor [per-repeat range]")
+    counterpart: str = column("mlflow.pytorch counterpart")
+    counterpart_seconds: float = column("counterpart", "time")
+    vs_counterpart: Ratio = column("ours/counterpart [per-repeat range]")
+    counterpart_target: Target = column("target on ours/counterpart", "target")
+    met: bool = column("met (both targets)", "met")
+
+
+@dataclass(frozen=True)
+class LoadPhase:
+    """One phase of ``load_torch_bundle`` (or of the floor), timed on its own; share = phase / whole load."""
+
+    phase: str = column("phase")
+    time: Stats = column("median [IQR]")
+    vs_load: Ratio = column("vs load_torch_bundle [per-repeat range]")
+
+
+def candidates(ctx: Context, model_set: ModelSet) -> dict[str, Callable[[], Any]]:
+    """Every load of ``model_set`` by name (the names :data:`COUNTERPARTS` uses)."""
+    import mlflow.pyfunc
+    import mlflow.pytorch
+
+    from mlflow_ptycho_flavor import load_model, load_torch_bundle
+
+    device = ctx.cfg.device
+    pt2_device = device if device == "cpu" else None  # pt2 weights stay on the export device (CPU)
+    ours, pt2, pickle = str(model_set.ours_dir), str(model_set.pt2_dir), str(model_set.pickle_dir)
+
+    def with_pickle(load: Callable[[], Any]) -> Callable[[], Any]:
+        def opted_in() -> Any:
+            with env_var(PICKLE_ENV, "true"):
+                return load()
+
+        return opted_in
+
+    return {
+        "floor": lambda: floor_load(model_set.state_path, model_set.N, model_set.channels, model_set.filters,
+                                    device),
+        "load_torch_bundle": lambda: load_torch_bundle(model_set.bundle, device=device),
+        "flavor.load_model": lambda: load_model(ours, device=device),
+        "pyfunc.load_model (ours)": lambda: mlflow.pyfunc.load_model(ours, model_config={"device": device}),
+        "mlflow.pytorch.load_model (pt2)": lambda: mlflow.pytorch.load_model(pt2, device=pt2_device),
+        "mlflow.pytorch.load_model (pickle)": with_pickle(lambda: mlflow.pytorch.load_model(pickle, device=device)),
+        "pyfunc.load_model (mlflow.pytorch pt2)": lambda: mlflow.pyfunc.load_model(
+            pt2, model_config={"device": pt2_device or "cpu"}),
+        "pyfunc.load_model (mlflow.pytorch pickle)": with_pickle(
+            lambda: mlflow.pyfunc.load_model(pickle, model_config={"device": device})),
+    }
+
+
+def measure_phases(ctx: Context, model_set: ModelSet, repeats: int) -> list[LoadPhase]:
+    """``load_torch_bundle``'s two phases (read + checks, build the network) and the floor's two, interleaved."""
+    import torch
+
+    from mlflow_ptycho_flavor import NetworkConfig, PtychoPINNNetwork, load_torch_bundle, read_bundle
+
+    device = ctx.cfg.device
+    contents = read_bundle(model_set.bundle)
+    state = torch.load(model_set.state_path, map_location="cpu", weights_only=True)
+    config = NetworkConfig(N=model_set.N, C_model=model_set.channels, n_filters_scale=model_set.filters)
+
+    def floor_construct() -> Any:
+        network = PtychoPINNNetwork(config)
+        network.load_state_dict(state, strict=True)
+        return network.to(device).eval()
+
+    phases = {
+        "load_torch_bundle (whole)": lambda: load_torch_bundle(model_set.bundle, device=device),
+        "read_bundle (unzip, hashes, restricted unpickling, checks)": lambda: read_bundle(model_set.bundle),
+        "BundleContents.build_network (adopting the weights, as the loader does)":
+            lambda: contents.build_network(device, adopt_weights=True),
+        "floor: torch.load of the state_dict file": lambda: torch.load(model_set.state_path, map_location="cpu",
+                                                                       weights_only=True),
+        "floor: construct + load_state_dict": floor_construct,
+    }
+    samples = ctx.timer.interleave(phases, repeats, between=gc.collect)
+    whole = samples["load_torch_bundle (whole)"]
+    return [LoadPhase(name, stats, Ratio.paired(stats, whole)) for name, stats in samples.items()]
+
+
+def run(ctx: Context) -> SectionResult:
+    cfg = ctx.cfg
+    repeats = cfg.repeats * (1 if cfg.quick else 2)
+    timings: list[LoadTiming] = []
+    comparisons: list[LoadComparison] = []
+    checks: list[Check] = []
+    for gridsize, model_set in ctx.models.items():
+        if not model_set.has_references:  # --quick saves the mlflow.pytorch references for gridsize 1 only
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            samples = ctx.timer.interleave(candidates(ctx, model_set), repeats, between=gc.collect,
+                                           warmup=0 if cfg.quick else 1)
+        floor = samples["floor"]
+        timings += [LoadTiming(model_set.N, gridsize, name, stats, Ratio.paired(stats, floor))
+                    for name, stats in samples.items()]
+        for ours, counterparts in COUNTERPARTS.items():
+            vs_floor = Ratio.paired(samples[ours], floor)
+            checks.append(Check.of("2 Load", f"{ours} / floor, g{gridsize}", vs_floor.median, FLOOR_TARGET))
+            for counterpart, target in counterparts.items():
+                vs_counterpart = Ratio.paired(samples[ours], samples[counterpart])
+                checks.append(Check.of("2 Load", f"{ours} / {counterpart}, g{gridsize}", vs_counterpart.median,
+                                       target))
+                comparisons.append(LoadComparison(
+                    model_set.N, gridsize, ours, samples[ours].median, floor.median, vs_floor, counterpart,
+                    samples[counterpart].median, vs_counterpart, target,
+                    FLOOR_TARGET.holds(vs_floor.median) and target.holds(vs_counterpart.median)))
+
+    from mlflow_ptycho_flavor import load_torch_bundle
+
+    main = ctx.models[min(ctx.models)]
+    tables = [
+        RecordTable(LoadComparison, comparisons, "Comparisons"),
+        RecordTable(LoadTiming, timings, "All loads (reference timings)"),
+        RecordTable(LoadPhase, measure_phases(ctx, main, repeats), f"Phases of a load (g{main.gridsize}), each "
+                    "timed on its own"),
+        RecordTable(ProfileEntry, profile(lambda: load_torch_bundle(main.bundle, device=cfg.device), calls=3),
+                    f"Where `load_torch_bundle` spends its time (cProfile, g{main.gridsize}, sorted by self time)"),
+    ]
+    intro = ("Local paths, warm file cache, interleaved. **floor** = `torch.load` of the bare state_dict file "
+             "(`weights_only=True`) + constructing `PtychoPINNNetwork` + `load_state_dict(strict=True)` + eval. "
+             "**mlflow.pytorch** = the same network saved by `mlflow.pytorch.save_model` as a wrapper module whose "
+             "`forward(x)` returns `torch.view_as_real(network(x, None))`: `serialization_format=\"pt2\"` "
+             "(torch.export, the default; loaded without the pickle opt-in, so MLflow's pickle-free check of the "
+             "archive runs) and `\"pickle\"` (loaded with `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true`). Target: each "
+             "of our loads <= 1.2x the floor and faster than the matching mlflow.pytorch load (native vs "
+             "`mlflow.pytorch.load_model`, pyfunc vs pyfunc; each serialization format is a row of its own).")
+    return SectionResult(KEY, TITLE, intro, tables, checks)

@@ -1,0 +1,184 @@
+"""Section 1: ``mlflow.pyfunc`` ``predict`` against the raw network on the same arrays, and its per-call overhead.
+
+"raw" is ``torch.inference_mode()``, ``network(torch.from_numpy(x).to(device), factor)`` with a prebuilt ones
+factor on the device and ``.cpu().numpy()`` of the complex64 result: no validation, no output copy, no MLflow.
+The overhead of each layer is measured with the network's forward replaced by a stub that returns a cached
+output, which isolates the Python/numpy cost from the forward's noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.config import Context
+from benchmarks.harness import inner_count, profile
+from benchmarks.models import inputs
+from benchmarks.records import Check, ProfileEntry, Ratio, RecordTable, SectionResult, Stats, Target, column
+from benchmarks.report import fmt_time
+
+__all__ = ["KEY", "TITLE", "THROUGHPUT_TARGET", "OVERHEAD_TARGET", "PredictComparison", "LayerOverhead", "run"]
+
+KEY = "predict"
+TITLE = "1. Predict: mlflow.pyfunc predict vs the raw network"
+#: pyfunc throughput / raw throughput, checked for batch >= 16.
+THROUGHPUT_TARGET = Target(low=0.95)
+#: The batch-1 pyfunc overhead (forward stubbed) as a share of a real batch-1 forward.
+OVERHEAD_TARGET = Target(high=0.05, unit="%")
+
+
+@dataclass(frozen=True)
+class PredictComparison:
+    """raw and pyfunc predict of one (gridsize, batch), interleaved; ``throughput`` = raw time / pyfunc time."""
+
+    N: int = column("N")
+    gridsize: int = column("gridsize")
+    batch: int = column("batch")
+    raw: Stats = column("raw / call")
+    pyfunc: Stats = column("pyfunc / call")
+    raw_samples_per_s: float = column("raw samples/s", "g")
+    pyfunc_samples_per_s: float = column("pyfunc samples/s", "g")
+    throughput: Ratio = column("pyfunc/raw throughput [per-repeat range]")
+    overhead_seconds: float = column("pyfunc − raw / call", "time")
+    implied: float = column("implied by stubbed overhead", "ratio")
+    max_abs_diff: float = column("max abs diff", "g")
+    target: Target = column("target", "target")
+    met: bool = column("met", "met")
+
+
+@dataclass(frozen=True)
+class LayerOverhead:
+    """Seconds per call of one layer of the predict stack with the forward stubbed."""
+
+    batch: int = column("batch")
+    layer: str = column("layer (forward stubbed)")
+    seconds: float = column("time / call", "time")
+    over_raw: float = column("over raw", "time")
+    over_previous: float = column("over previous layer", "time")
+
+
+def raw_callable(network: Any, x: np.ndarray, device: str) -> Callable[[], np.ndarray]:
+    """The raw forward of ``x`` as defined in the module docstring."""
+    import torch
+
+    factor = torch.ones(x.shape[0], 1, 1, 1, device=device)
+
+    def raw() -> np.ndarray:
+        with torch.inference_mode():
+            return network(torch.from_numpy(x).to(device), factor).cpu().numpy()
+
+    return raw
+
+
+class _StubbedForward:
+    """Context manager: ``network.forward`` returns ``cached`` (an instance attribute shadowing the method)."""
+
+    def __init__(self, network: Any, cached: Any) -> None:
+        self.network, self.cached = network, cached
+
+    def __enter__(self) -> None:
+        self.network.forward = lambda *args, **kwargs: self.cached
+
+    def __exit__(self, *exc: Any) -> None:
+        del self.network.forward
+
+
+def _stub_output(ctx: Context, network: Any, x: np.ndarray) -> Any:
+    import torch
+
+    with torch.inference_mode():
+        return network(torch.from_numpy(x).to(ctx.cfg.device), None)
+
+
+def measure_overhead(ctx: Context, gridsize: int) -> tuple[list[LayerOverhead], list[ProfileEntry]]:
+    """Per-call cost of each layer (raw, ``PtychoTorchModel``, our pyfunc wrapper, MLflow's ``PyFuncModel``) per
+    batch with the forward stubbed, and a cProfile of the batch-1 pyfunc call."""
+    cfg, model_set = ctx.cfg, ctx.models[gridsize]
+    pyfunc = ctx.pyfuncs[gridsize]
+    wrapper = pyfunc._model_impl  # what our loader module returned (MLflow keeps it in this attribute)
+    native = wrapper.model  # the PtychoTorchModel
+    network = native.network
+    rows: list[LayerOverhead] = []
+    for batch in cfg.batches:
+        x = inputs(batch, model_set.channels, model_set.N, seed=batch)
+        with _StubbedForward(network, _stub_output(ctx, network, x)):
+            layers = {
+                "raw (module call + .numpy())": raw_callable(network, x, cfg.device),
+                "PtychoTorchModel.predict": lambda x=x: native.predict(x),
+                "PtychoTorchPyfuncModel.predict": lambda x=x: wrapper.predict(x),
+                "mlflow PyFuncModel.predict": lambda x=x: pyfunc.predict(x),
+            }
+            inner = max(20, cfg.stub_iterations // max(1, batch // 8))
+            samples = ctx.timer.interleave(layers, max(cfg.repeats, 3), inner=inner, warmup=3)
+        base = previous = samples["raw (module call + .numpy())"].median
+        for name, stats in samples.items():
+            rows.append(LayerOverhead(batch, name, stats.median, stats.median - base, stats.median - previous))
+            previous = stats.median
+    x1 = inputs(1, model_set.channels, model_set.N, seed=1)
+    with _StubbedForward(network, _stub_output(ctx, network, x1)):
+        entries = profile(lambda: pyfunc.predict(x1), calls=max(200, cfg.stub_iterations // 5))
+    return rows, entries
+
+
+def run(ctx: Context) -> SectionResult:
+    cfg = ctx.cfg
+    measured: list[tuple[int, int, Stats, Stats, float]] = []
+    for gridsize, model_set in ctx.models.items():
+        pyfunc = ctx.pyfuncs[gridsize]
+        network = pyfunc.get_raw_model()
+        for batch in cfg.batches:
+            x = inputs(batch, model_set.channels, model_set.N, seed=batch)
+            raw = raw_callable(network, x, cfg.device)
+            predict = lambda x=x, pyfunc=pyfunc: pyfunc.predict(x)  # noqa: E731
+            seconds = ctx.timer.once(raw)  # the first calls warm up, calibrate and check equality
+            diff = float(np.max(np.abs(raw() - predict())))
+            samples = ctx.timer.interleave({"raw": raw, "pyfunc": predict}, cfg.repeats,
+                                           inner=inner_count(seconds, cfg.sample_seconds), warmup=0)
+            measured.append((gridsize, batch, samples["raw"], samples["pyfunc"], diff))
+
+    main = min(ctx.models)
+    layers, overhead_profile = measure_overhead(ctx, main)
+    overhead = {r.batch: r.over_raw for r in layers if r.layer == "mlflow PyFuncModel.predict"}
+    comparisons = []
+    for gridsize, batch, raw_stats, pyfunc_stats, diff in measured:
+        throughput = Ratio.paired(raw_stats, pyfunc_stats)
+        paired_overhead = float(np.median(np.subtract(pyfunc_stats.samples, raw_stats.samples)))
+        implied = raw_stats.median / (raw_stats.median + overhead[batch])
+        comparisons.append(PredictComparison(
+            ctx.models[gridsize].N, gridsize, batch, raw_stats, pyfunc_stats, batch / raw_stats.median,
+            batch / pyfunc_stats.median, throughput, paired_overhead, implied, diff, THROUGHPUT_TARGET,
+            THROUGHPUT_TARGET.holds(throughput.median)))
+
+    checks = [Check.of("1 Predict", f"pyfunc/raw throughput, g{c.gridsize} B={c.batch}", c.throughput.median,
+                       THROUGHPUT_TARGET, detail=f"{c.implied:.3g}x implied by the stubbed overhead")
+              for c in comparisons if c.batch >= 16]
+    batch1 = min(cfg.batches)
+    forward_b1 = next(c.raw.median for c in comparisons if c.gridsize == main and c.batch == batch1)
+    checks.append(Check.of("1 Predict", f"pyfunc per-call overhead at batch {batch1} (forward stubbed), share of a "
+                           "real forward", overhead[batch1] / forward_b1, OVERHEAD_TARGET, unit="%",
+                           detail=f"{fmt_time(overhead[batch1])} per call"))
+
+    tables = [
+        RecordTable(PredictComparison, comparisons),
+        RecordTable(LayerOverhead, layers, "Per-call overhead, forward stubbed out (the Python/numpy cost of each "
+                    "layer)", f"A real batch-{batch1} forward (gridsize {main}) takes {fmt_time(forward_b1)} here."),
+        RecordTable(ProfileEntry, overhead_profile, f"Where the batch-1 pyfunc overhead goes (cProfile, forward "
+                    f"stubbed, g{main}, sorted by self time)"),
+    ]
+    missed = next((c for c in comparisons if c.batch >= 16 and not c.met), None)
+    if missed is not None:
+        model_set, pyfunc = ctx.models[missed.gridsize], ctx.pyfuncs[missed.gridsize]
+        x = inputs(missed.batch, model_set.channels, model_set.N, seed=missed.batch)
+        tables.append(RecordTable(ProfileEntry, profile(lambda: pyfunc.predict(x), calls=2),
+                                  f"Target missed: cProfile of pyfunc predict, g{missed.gridsize} B={missed.batch} "
+                                  "(sorted by self time)"))
+    intro = (f"Same arrays, same network object (the pyfunc model's own module), device `{cfg.device}`. **raw** = "
+             "`torch.inference_mode()`, `network(torch.from_numpy(x).to(device), factor)` with a prebuilt ones "
+             "factor, `.cpu().numpy()` of the complex64 result (no validation, no output copy, no MLflow). "
+             "**pyfunc** = `mlflow.pyfunc.load_model(dir).predict(x)` (complex64 out). Medians over repeats with "
+             "[IQR]; the throughput ratio is the median of per-repeat paired ratios raw time / pyfunc time [their "
+             "min–max]. \"implied\" = raw / (raw + the pyfunc overhead measured with the forward stubbed out, "
+             "below): the same ratio without the machine's noise. Target: >= 0.95x for batch >= 16.")
+    return SectionResult(KEY, TITLE, intro, tables, checks)
