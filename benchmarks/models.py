@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,11 @@ from torch import nn
 
 from mlflow_ptycho_flavor import NetworkConfig, PtychoPINNNetwork
 
-__all__ = ["build_network", "RealImagWrapper", "ModelSet", "make_models", "inputs", "floor_load", "load_pyfunc"]
+__all__ = ["PICKLE_ENV", "build_network", "RealImagWrapper", "ModelSet", "make_models", "inputs", "floor_load",
+           "load_pyfunc"]
+
+#: MLflow refuses to unpickle an ``mlflow.pytorch`` pickle-format model unless this is "true".
+PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 def build_network(N: int = 64, gridsize: int = 1, n_filters_scale: int = 2, seed: int = 0) -> PtychoPINNNetwork:
@@ -56,7 +59,6 @@ class ModelSet:
     state_path: Path
     pt2_dir: Path | None = None
     pickle_dir: Path | None = None
-    pt2_save_seconds: float | None = None
 
     @property
     def channels(self) -> int:
@@ -94,11 +96,9 @@ def make_models(work: Path, N: int, gridsize: int, filters: int, *, references: 
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, C, N, N, 2))]),
     )
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    started = time.perf_counter()
     models.pt2_dir = work / f"pytorch_pt2_{tag}"
     mlflow.pytorch.save_model(RealImagWrapper(network).eval(), models.pt2_dir, serialization_format="pt2",
                               input_example=inputs(2, C, N), signature=signature, pip_requirements=requirements)
-    models.pt2_save_seconds = time.perf_counter() - started
     models.pickle_dir = work / f"pytorch_pickle_{tag}"
     mlflow.pytorch.save_model(RealImagWrapper(network).eval(), models.pickle_dir, serialization_format="pickle",
                               signature=signature, pip_requirements=requirements)

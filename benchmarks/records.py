@@ -167,7 +167,3 @@ class SectionResult:
     tables: list[RecordTable] = field(default_factory=list)
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-    def records(self, kind: type) -> list[Any]:
-        """Every record of ``kind`` in this section's tables."""
-        return [r for table in self.tables if table.kind is kind for r in table.records]

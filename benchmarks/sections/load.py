@@ -15,14 +15,13 @@ from typing import Any, Callable
 
 from benchmarks.config import Context
 from benchmarks.harness import env_var, profile
-from benchmarks.models import ModelSet, floor_load
+from benchmarks.models import PICKLE_ENV, ModelSet, floor_load
 from benchmarks.records import Check, ProfileEntry, Ratio, RecordTable, SectionResult, Stats, Target, column
 
 __all__ = ["KEY", "TITLE", "FLOOR_TARGET", "COUNTERPARTS", "LoadTiming", "LoadComparison", "LoadPhase", "run"]
 
 KEY = "load"
 TITLE = "2. Load: our loaders vs the floor and mlflow.pytorch"
-PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 #: Each of our loads against the floor.
 FLOOR_TARGET = Target(high=1.2)

@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks.config import Context
 from benchmarks.harness import env_var, inner_count, profile
-from benchmarks.models import ModelSet, inputs
+from benchmarks.models import PICKLE_ENV, ModelSet, inputs
 from benchmarks.records import Check, ProfileEntry, Ratio, RecordTable, SectionResult, Stats, Target, column
 
 __all__ = ["KEY", "TITLE", "THROUGHPUT_TARGET", "ENCODE_TARGET", "ServedLoad", "ScoringSteps", "ServerPair",
@@ -26,7 +26,6 @@ __all__ = ["KEY", "TITLE", "THROUGHPUT_TARGET", "ENCODE_TARGET", "ServedLoad", "
 KEY = "serving"
 TITLE = "3. Serving: mlflow models serve, ours vs mlflow.pytorch"
 SERVING_ENV = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"  # what the scoring server sets; our pyfunc reads it
-PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 #: ours / mlflow.pytorch requests per second.
 THROUGHPUT_TARGET = Target(low=1.0)
 #: The response-encoding share of predict + encode.

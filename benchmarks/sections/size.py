@@ -88,7 +88,7 @@ def _sizes(model_set: ModelSet) -> list[ArtifactSize]:
         ("our bundle `wts.h5.zip`", bundle, SIZE_TARGET),
         ("our MLflow model directory (bundle + MLmodel + env files)", _dir_bytes(model_set.ours_dir), None),
     ]
-    if model_set.pt2_dir is not None and model_set.pickle_dir is not None:
+    if model_set.has_references:
         artifacts += [
             ("mlflow.pytorch pt2 `data/model.pt2`", (model_set.pt2_dir / "data" / "model.pt2").stat().st_size, None),
             ("mlflow.pytorch pt2 model directory", _dir_bytes(model_set.pt2_dir), None),
