@@ -1,4 +1,4 @@
-"""Records -> the markdown report and its JSON twin, each written atomically.
+"""Records -> the markdown report and its JSON twin (``run.py`` writes both with the package's atomic writer).
 
 Rendering is one way: numbers in records become text here and nothing reads text back. A record's shown fields
 and their formats come from :func:`benchmarks.records.column` metadata; the summary table is every section's
@@ -7,19 +7,15 @@ and their formats come from :func:`benchmarks.records.column` metadata; the summ
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from benchmarks.records import Check, Ratio, RecordTable, SectionResult, Stats, Target
 
-__all__ = ["Report", "render", "render_table", "render_cell", "to_json", "write_atomically", "fmt_time",
+__all__ = ["Report", "render", "render_table", "render_cell", "to_json", "fmt_time",
            "fmt_bytes", "fmt_ratio", "fmt_percent", "mark"]
 
 MET, NOT_MET, NA = "met", "NOT met", "n/a"
@@ -200,18 +196,3 @@ def _jsonable(value: Any) -> Any:
 def to_json(report: Report) -> str:
     """The records as JSON: ``sections[i].tables[j]`` has ``kind`` (the record class name) and ``records``."""
     return json.dumps(_jsonable(report), indent=1, ensure_ascii=False)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a report is meant to be read
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise

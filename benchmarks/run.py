@@ -38,8 +38,9 @@ from benchmarks.harness import Threads, Timer  # noqa: E402
 from benchmarks.machine import collect, condition_notes, display_command  # noqa: E402
 from benchmarks.models import load_pyfunc, make_models  # noqa: E402
 from benchmarks.records import SectionResult  # noqa: E402
-from benchmarks.report import Report, render, to_json, write_atomically  # noqa: E402
+from benchmarks.report import Report, render, to_json  # noqa: E402
 from benchmarks.sections import DEFAULT, ORDER, section_module  # noqa: E402
+from mlflow_ptycho_flavor._io import atomic_write_bytes  # noqa: E402 - the package's one atomic writer
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,7 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny version of every section (smoke test)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown report path")
+    parser.add_argument("--out", type=Path, default=None, help="markdown report path (default benchmarks/RESULTS.md; "
+                                                               "with --quick benchmarks/RESULTS-quick.md, git-ignored)")
     parser.add_argument("--records", type=Path, default=None, help="also write every record as JSON to this path")
     parser.add_argument("--fast-paths", action="store_true", help="section 6: channels_last, threads, jit, compile")
     parser.add_argument("--spark", action="store_true", help="section 7: spark_predict on local masters (pyspark)")
@@ -57,6 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help=f"comma-separated sections to run, of {','.join(ORDER)}")
     parser.add_argument("--keep", action="store_true", help="keep the temporary model directories")
     args = parser.parse_args(argv)
+    args.out = args.out or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     unknown = set(args.only.split(",")) - set(ORDER) if args.only else set()
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
@@ -134,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     machine = collect(cfg.device, threads, cfg.repeats, cfg.filters, argv, load_start, time.perf_counter() - started)
     report = Report(header(cfg, argv), results, machine, condition_notes(machine))
-    write_atomically(args.out, render(report))
+    atomic_write_bytes(args.out, render(report).encode("utf-8"))
     if args.records is not None:
-        write_atomically(args.records, to_json(report))
+        atomic_write_bytes(args.records, to_json(report).encode("utf-8"))
     progress(f"wrote {args.out}")
     return 0
 

@@ -65,7 +65,7 @@ def _slope(batches: list[int], seconds: list[float]) -> float:
 def run(ctx: Context) -> SectionResult:
     import torch
 
-    from benchmarks._compat import default_batch_size
+    from mlflow_ptycho_flavor.model.inference import default_batch_size
 
     cfg = ctx.cfg
     gridsize = ctx.main_gridsize

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from benchmarks.config import Context
-from benchmarks.harness import env_var, inner_count, profile
+from benchmarks.harness import REPO, env_var, inner_count, profile
 from benchmarks.models import PICKLE_ENV, ModelSet, inputs
 from benchmarks.records import Check, ProfileEntry, Ratio, RecordTable, SectionResult, Stats, Target, column
 
@@ -66,6 +66,16 @@ class ScoringSteps:
     met: bool | None = column("met", "met")
 
 
+def _serving_tools() -> Any:
+    """The serving test tooling (a real ``mlflow models serve`` on loopback, a bounded load generator)."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import serving_tools
+
+    return serving_tools
+
+
 def _reference(ctx: Context, model_set: ModelSet) -> tuple[Any, str]:
     """The ``mlflow.pytorch`` model to serve and its format: pt2 on CPU, pickle elsewhere (pt2 stays on CPU)."""
     return (model_set.pt2_dir, "pt2") if ctx.cfg.device == "cpu" else (model_set.pickle_dir, "pickle")
@@ -75,8 +85,7 @@ class ServerPair:
     """Both scoring servers, started side by side in background threads; :meth:`wait` joins them."""
 
     def __init__(self, ctx: Context, model_set: ModelSet) -> None:
-        from benchmarks._compat import serving_tools
-
+        serving_tools = _serving_tools()
         reference_dir, reference_format = _reference(ctx, model_set)
         # `mlflow models serve --env-manager local` runs `uvicorn` from PATH: this interpreter's environment
         env = {"MLFLOW_DEFAULT_PREDICTION_DEVICE": ctx.cfg.device, **ctx.threads.subprocess_env(),
@@ -133,8 +142,7 @@ def _complex(payload: Any, ours: bool) -> np.ndarray:
 
 def measure_served(ctx: Context, pair: ServerPair, model_set: ModelSet) -> tuple[list[ServedLoad], list[Check], str]:
     """Interleaved load rounds against both servers per batch size; the table note states start-up and agreement."""
-    from benchmarks._compat import serving_tools
-
+    serving_tools = _serving_tools()
     cfg, servers = ctx.cfg, pair.servers
     startup = pair.wait()
     body = json.dumps({"inputs": inputs(2, model_set.channels, model_set.N, seed=5).tolist()}).encode()

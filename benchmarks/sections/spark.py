@@ -59,8 +59,8 @@ def benchmark_spark(model_uri: str, n_patterns: int, masters: tuple[str, ...] = 
     from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
-    from benchmarks._compat import local_spark_session
     from mlflow_ptycho_flavor import spark_predict
+    from mlflow_ptycho_flavor.flavor.spark import local_spark_session
 
     if SparkSession.getActiveSession() is not None:
         raise RuntimeError("stop the running SparkSession first: the benchmark starts one per master")
