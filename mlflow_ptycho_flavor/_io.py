@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import Any, BinaryIO, Union
 
 __all__ = ["PathLike", "atomic_write", "atomic_write_bytes", "atomic_directory", "umask_mode"]
 
@@ -44,12 +44,16 @@ def _fsync_directory(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(target: PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(
+    target: PathLike, write: Callable[[BinaryIO], None], *, verify: Callable[[Path], Any] | None = None
+) -> Path:
     """Create or replace ``target`` with what ``write(handle)`` writes to a binary file handle.
 
     Args:
         target: the file to create or replace; its folder is created when missing.
         write: called once with an open binary handle on the temporary file.
+        verify: called with the finished temporary file's path before the rename; if it raises, the temporary
+            file is removed and ``target`` is left as it was (e.g. re-reading a written bundle).
 
     Returns:
         The target path.
@@ -64,6 +68,8 @@ def atomic_write(target: PathLike, write: Callable[[BinaryIO], None]) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, umask_mode(0o666))
+        if verify is not None:
+            verify(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -25,6 +25,13 @@ __all__ = [
     "PredictionInputError",
     "DatasetError",
     "InvalidArgumentError",
+    "CheckpointError",
+    "NotACheckpointError",
+    "CorruptCheckpointError",
+    "UnsafeCheckpointError",
+    "UnsupportedCheckpointError",
+    "TensorFlowConversionError",
+    "UnconvertibleInputError",
     "short_repr",
 ]
 
@@ -103,3 +110,37 @@ class DatasetError(PtychoFlavorError, ValueError):
 class InvalidArgumentError(PtychoFlavorError, ValueError):
     """A function or command argument has a value the package cannot use (a device that is not there, a
     simulator size out of range, a training setting that makes no sense); the message names the argument."""
+
+
+class CheckpointError(BundleError):
+    """A PyTorch Lightning checkpoint (``*.ckpt``) cannot be read or converted into a bundle."""
+
+
+class NotACheckpointError(CheckpointError, NotABundleError):
+    """The file is not a Lightning checkpoint (a bundle, a bare state_dict, a TF archive, ...); the message says what it is."""
+
+
+class CorruptCheckpointError(CheckpointError, CorruptBundleError):
+    """The checkpoint opens but is damaged: a storage cut short, a tensor outside its storage, a malformed pickle."""
+
+
+class UnsafeCheckpointError(CheckpointError, UnsafeBundleError):
+    """The checkpoint's pickle names a global outside the allow-list, or asks for more memory than the caps allow."""
+
+
+class UnsupportedCheckpointError(CheckpointError, UnsupportedBundleError):
+    """The checkpoint is well-formed but holds settings a standalone bundle cannot represent."""
+
+
+class TensorFlowConversionError(UnsupportedBundleError):
+    """A TensorFlow archive that cannot be converted exactly to the PyTorch CNN (the message names the era or setting).
+
+    Raised instead of producing an approximate model: SavedModel-era archives, the rectangular ``A + i*phi``
+    combine, ``relu``/``softplus`` amplitude activations, unknown layers or a graph that is not upstream's CNN.
+    """
+
+
+class UnconvertibleInputError(BundleError, ValueError):
+    """A file or folder handed to the converter is none of the formats it turns into bundles (a bare state_dict, an
+    MLflow model directory, a dataset, unknown bytes, or already a PyTorch bundle); the message names what it is
+    and what to do with it instead."""

@@ -8,17 +8,20 @@ names, encrypted members and zip bombs. The writer produces byte-identical archi
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO, Callable
 
 from mlflow_ptycho_flavor._io import PathLike, atomic_write
+from mlflow_ptycho_flavor.bundle.identify import FOREIGN_KINDS, ArtifactKind, identify_artifact, open_regular_file
 from mlflow_ptycho_flavor.errors import (
+    BundleError,
     CorruptBundleError,
     NotABundleError,
+    TensorFlowBundleError,
     UnsafeBundleError,
     UnsupportedBundleError,
     short_repr,
@@ -30,6 +33,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "looks_like_bundle_path",
     "ArchiveReader",
+    "not_a_bundle_error",
     "resolve_bundle_path",
     "write_zip",
 ]
@@ -56,9 +60,6 @@ class BundleLimits:
     max_total_bytes: int = 4 * 1024**3
     max_compression_ratio: float = 200.0
     ratio_floor_bytes: int = 1024 * 1024
-
-
-DEFAULT_LIMITS = BundleLimits()
 
 
 DEFAULT_LIMITS = BundleLimits()
@@ -105,6 +106,24 @@ def _check_member_name(name: str) -> None:
         )
 
 
+def not_a_bundle_error(path: Path, problem: str, fallback: type[BundleError]) -> BundleError:
+    """The error for a file the bundle reader cannot take: ``problem`` plus what the file is and what to do with it.
+
+    The file is identified from bounded reads (:func:`~.identify.identify_artifact`, docs/bundle-format.md §11):
+    a TensorFlow archive gives :class:`~.errors.TensorFlowBundleError`; a Lightning checkpoint, a bare state_dict
+    or an NPZ dataset gives :class:`~.errors.NotABundleError` (whichever check tripped first, the file is simply
+    not a bundle); anything else gives ``fallback`` with the description appended.
+    """
+    info = identify_artifact(path)
+    if info.kind is ArtifactKind.TENSORFLOW_ARCHIVE:
+        return TensorFlowBundleError(f"{problem}. {path} is {info.what_and_fix()}")
+    if info.kind in FOREIGN_KINDS:
+        return NotABundleError(f"{problem}. {path} is not a PtychoPINN bundle but {info.what_and_fix()}")
+    if info.kind is ArtifactKind.TORCH_BUNDLE:  # a damaged or tampered bundle: the problem says it all
+        return fallback(problem)
+    return fallback(f"{problem}. It is {info.what_and_fix()}")
+
+
 class ArchiveReader:
     """In-memory, size-capped access to the members of a zip archive."""
 
@@ -125,7 +144,7 @@ class ArchiveReader:
                 else "a PtychoPINN bundle is a wts.h5.zip written by save_torch_bundle or upstream's model manager - "
                 "check the path"
             )
-            raise NotABundleError(f"{path} is not a zip archive ({exc}); {hint}") from exc
+            raise not_a_bundle_error(path, f"{path} is not a zip archive ({exc}); {hint}", NotABundleError) from exc
         except Exception as exc:  # noqa: BLE001 - zipfile parsing untrusted bytes: anything is "damaged"
             self._file.close()
             raise CorruptBundleError(
@@ -138,31 +157,23 @@ class ArchiveReader:
             raise
 
     @staticmethod
-    def _open_regular_file(path: Path) -> io.BufferedReader:
-        # O_NONBLOCK: opening a FIFO must not hang; fstat on the open descriptor: no check/use race.
+    def _open_regular_file(path: Path) -> BinaryIO:
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            return open_regular_file(path)
         except FileNotFoundError as exc:
             raise NotABundleError(f"no bundle at {path}: the file does not exist") from exc
         except IsADirectoryError as exc:
             raise NotABundleError(f"{path} is a directory, not a wts.h5.zip archive") from exc
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-            raise NotABundleError(f"{path!r} cannot be opened: {exc}") from exc
-        try:
-            mode = os.fstat(fd).st_mode
-            if not stat.S_ISREG(mode):
-                kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file (device, FIFO or socket)"
-                raise NotABundleError(f"{path} is {kind}, not a wts.h5.zip archive")
-            return os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
+            raise NotABundleError(f"{short_repr(str(path))} cannot be opened: {exc}") from exc
 
     def _index(self) -> dict[str, zipfile.ZipInfo]:
         infos = self._zip.infolist()
         if len(infos) > self.limits.max_members:
-            raise UnsafeBundleError(
-                f"{self.path} lists {len(infos)} members (limit {self.limits.max_members}); a bundle has 6"
+            raise not_a_bundle_error(
+                self.path,
+                f"{self.path} lists {len(infos)} members (limit {self.limits.max_members}); a bundle has 6",
+                UnsafeBundleError,
             )
         index: dict[str, zipfile.ZipInfo] = {}
         for info in infos:
@@ -252,12 +263,18 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def write_zip(target: PathLike, members: list[tuple[str, bytes]]) -> Path:
-    """Write ``members`` (name, bytes) as a zip archive at ``target``, atomically and deterministically."""
+def write_zip(
+    target: PathLike, members: list[tuple[str, bytes]], *, verify: Callable[[Path], Any] | None = None
+) -> Path:
+    """Write ``members`` (name, bytes) as a zip archive at ``target``, atomically and deterministically.
+
+    ``verify`` (e.g. the bundle reader) is called on the finished temporary file; if it raises, ``target`` is
+    left as it was.
+    """
 
     def write(handle) -> None:
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name, data in members:
                 archive.writestr(_zip_info(name), data)
 
-    return atomic_write(target, write)
+    return atomic_write(target, write, verify=verify)

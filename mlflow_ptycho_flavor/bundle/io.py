@@ -38,6 +38,7 @@ from mlflow_ptycho_flavor.bundle.archive import (
     DEFAULT_LIMITS,
     ArchiveReader,
     BundleLimits,
+    not_a_bundle_error,
     resolve_bundle_path,
     write_zip,
 )
@@ -50,6 +51,7 @@ from mlflow_ptycho_flavor.bundle.compat import (
     stored_bytes,
     strict_load,
 )
+from mlflow_ptycho_flavor.bundle.identify import identify_artifact
 from mlflow_ptycho_flavor.bundle.metadata import (
     check_params_agree,
     make_metadata,
@@ -79,6 +81,7 @@ __all__ = [
     "read_bundle",
     "load_torch_bundle",
     "save_torch_bundle",
+    "write_bundle",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -160,13 +163,11 @@ class BundleContents:
 
 def _decode_manifest(reader: ArchiveReader, allow_unsafe: bool | None) -> dict[str, Any]:
     if MANIFEST_MEMBER not in reader:
-        if any(n.endswith("model.keras") for n in reader.names):
-            raise TensorFlowBundleError(
-                f"{reader.path} holds model.keras files but no manifest.dill: a TensorFlow PtychoPINN archive; "
-                "load it with upstream's TensorFlow ModelManager, not the PyTorch loader"
-            )
-        raise CorruptBundleError(
-            f"{reader.path} has no manifest.dill: not a PtychoPINN bundle (members: {sorted(reader.names)[:10]})"
+        raise not_a_bundle_error(
+            reader.path,
+            f"{reader.path} has no manifest.dill: not a PtychoPINN bundle (members: "
+            f"{short_repr(sorted(reader.names)[:10])})",
+            CorruptBundleError,
         )
     manifest = safe_loads(reader.read(MANIFEST_MEMBER), member=MANIFEST_MEMBER, allow_unsafe=allow_unsafe)
     if not isinstance(manifest, dict):
@@ -176,10 +177,10 @@ def _decode_manifest(reader: ArchiveReader, allow_unsafe: bool | None) -> dict[s
     version = manifest.get("version")
     models = manifest.get("models")
     if (isinstance(version, str) and version == "1.0") or any(n.endswith("model.keras") for n in reader.names):
+        action = identify_artifact(reader.path).action or "convert it with `ptycho-flavor convert`"
         raise TensorFlowBundleError(
-            f"{reader.path} is a TensorFlow PtychoPINN archive (manifest version {version!r}, model.keras "
-            "members): this PyTorch loader cannot rebuild Keras models; load it with upstream's TensorFlow "
-            "loader (ptycho.model_manager.ModelManager.load_multiple_models), or re-train with the PyTorch backend"
+            f"{reader.path} is a TensorFlow PtychoPINN archive (manifest version {short_repr(version)}, model.keras "
+            f"members), not a PyTorch bundle: the PyTorch loader does not read Keras models; {action}"
         )
     if not isinstance(version, str):
         raise CorruptBundleError(f"manifest.dill['version'] must be a str, got {short_repr(version)}")
@@ -479,20 +480,53 @@ def save_torch_bundle(
         raise ValueError(f"intensity_scale must be a finite number, got {intensity_scale!r}")
     snapshot = params_module.make_params_snapshot(overrides, intensity_scale=intensity_scale)
     metadata = make_metadata(network.config, snapshot, ci_statistics=ci_statistics)
-    params_bytes = _pickle_bytes(snapshot)
     state = OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in network.state_dict().items())
     if isinstance(autoencoder, torch.nn.Module):
         auto_payload: Any = OrderedDict((k, v.detach().to("cpu")) for k, v in autoencoder.state_dict().items())
     else:
         auto_payload = dict(autoencoder)
+    return write_bundle(
+        path, state_dict=state, params=snapshot, metadata=metadata, autoencoder=auto_payload, provenance=provenance
+    )
+
+
+def write_bundle(
+    path: PathLike,
+    *,
+    state_dict: Mapping[str, torch.Tensor],
+    params: Mapping[str, Any],
+    metadata: Mapping[str, Any],
+    autoencoder: Any = SENTINEL,
+    provenance: Mapping[str, Any] | None = None,
+    verify: bool = False,
+) -> Path:
+    """Write already-validated parts as a bundle in upstream's layout (docs/bundle-format.md §1.3).
+
+    The one place the member list and the manifest (models, version, backend, a sha256 per member, optional
+    provenance) are put together: :func:`save_torch_bundle` and the converters all end here.
+
+    Args:
+        path: ``out/wts.h5`` (``.zip`` appended), ``out/wts.h5.zip``, any ``*.zip``, or a directory.
+        state_dict: the ``diffraction_to_obj`` weights, stored unchanged (keys, order, dtypes, ``_metadata``).
+        params: the ``params.dill`` snapshot (written to both model folders).
+        metadata: the ``torch_scaling_metadata.pt`` dict.
+        autoencoder: the ``autoencoder/model.pth`` payload (upstream's weightless sentinel by default).
+        provenance: plain data recorded as ``manifest["provenance"]``.
+        verify: re-read the finished archive with :func:`read_bundle` before it takes ``path``'s place, so a
+            bundle that would not load is never left there.
+
+    Returns:
+        The archive path written (atomically: an existing file survives any failure).
+    """
+    params_bytes = _pickle_bytes(dict(params))
     members = [
-        (f"{INFERENCE_MODEL}/model.pth", _torch_bytes(state)),
+        (f"{INFERENCE_MODEL}/model.pth", _torch_bytes(state_dict)),
         (f"{INFERENCE_MODEL}/params.dill", params_bytes),
-        (f"{AUTOENCODER_MODEL}/model.pth", _torch_bytes(auto_payload)),
+        (f"{AUTOENCODER_MODEL}/model.pth", _torch_bytes(autoencoder)),
         (f"{AUTOENCODER_MODEL}/params.dill", params_bytes),
-        (METADATA_MEMBER, _torch_bytes(metadata)),
+        (METADATA_MEMBER, _torch_bytes(dict(metadata))),
     ]
-    manifest = {
+    manifest: dict[str, Any] = {
         "models": [INFERENCE_MODEL, AUTOENCODER_MODEL],
         "version": params_module.PYTORCH_BUNDLE_VERSION,
         "backend": BACKEND,
@@ -501,6 +535,7 @@ def save_torch_bundle(
     if provenance is not None:
         manifest["provenance"] = _plain_provenance(provenance)
     target = resolve_bundle_path(path, for_writing=True)
-    write_zip(target, [(MANIFEST_MEMBER, _pickle_bytes(manifest))] + members)
+    write_zip(target, [(MANIFEST_MEMBER, _pickle_bytes(manifest))] + members,
+              verify=read_bundle if verify else None)
     _logger.info("wrote PtychoPINN bundle %s", target)
     return target
