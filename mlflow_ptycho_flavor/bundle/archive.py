@@ -8,6 +8,7 @@ names, encrypted members and zip bombs. The writer produces byte-identical archi
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import zipfile
@@ -125,13 +126,20 @@ def not_a_bundle_error(path: Path, problem: str, fallback: type[BundleError]) ->
 
 
 class ArchiveReader:
-    """In-memory, size-capped access to the members of a zip archive."""
+    """In-memory, size-capped access to the members of a zip archive.
 
-    def __init__(self, path: Path, limits: BundleLimits) -> None:
+    Args:
+        path: the archive file (opened as a regular file only), or with ``data`` the label used in messages.
+        limits: the caps.
+        data: read the archive from these bytes instead (e.g. a zip nested inside another archive).
+    """
+
+    def __init__(self, path: Path, limits: BundleLimits, *, data: bytes | None = None) -> None:
         self.path = path
         self.limits = limits
         self._total = 0
-        self._file = self._open_regular_file(path)
+        self._in_memory = data is not None
+        self._file: BinaryIO = io.BytesIO(data) if data is not None else self._open_regular_file(path)
         try:
             head = self._file.read(4)
             self._file.seek(0)
@@ -144,7 +152,7 @@ class ArchiveReader:
                 else "a PtychoPINN bundle is a wts.h5.zip written by save_torch_bundle or upstream's model manager - "
                 "check the path"
             )
-            raise not_a_bundle_error(path, f"{path} is not a zip archive ({exc}); {hint}", NotABundleError) from exc
+            raise self.refusal(f"{path} is not a zip archive ({exc}); {hint}", NotABundleError) from exc
         except Exception as exc:  # noqa: BLE001 - zipfile parsing untrusted bytes: anything is "damaged"
             self._file.close()
             raise CorruptBundleError(
@@ -155,6 +163,13 @@ class ArchiveReader:
         except BaseException:
             self.close()
             raise
+
+    def refusal(self, problem: str, fallback: type[BundleError]) -> BundleError:
+        """The error for an archive that is not a readable bundle, naming what the file is
+        (:func:`not_a_bundle_error`); archives read from memory have no file to identify and get ``fallback``."""
+        if self._in_memory:
+            return fallback(problem)
+        return not_a_bundle_error(self.path, problem, fallback)
 
     @staticmethod
     def _open_regular_file(path: Path) -> BinaryIO:
@@ -170,8 +185,7 @@ class ArchiveReader:
     def _index(self) -> dict[str, zipfile.ZipInfo]:
         infos = self._zip.infolist()
         if len(infos) > self.limits.max_members:
-            raise not_a_bundle_error(
-                self.path,
+            raise self.refusal(
                 f"{self.path} lists {len(infos)} members (limit {self.limits.max_members}); a bundle has 6",
                 UnsafeBundleError,
             )

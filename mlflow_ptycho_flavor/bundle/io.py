@@ -38,7 +38,6 @@ from mlflow_ptycho_flavor.bundle.archive import (
     DEFAULT_LIMITS,
     ArchiveReader,
     BundleLimits,
-    not_a_bundle_error,
     resolve_bundle_path,
     write_zip,
 )
@@ -69,6 +68,7 @@ from mlflow_ptycho_flavor.bundle.unpickle import (
 from mlflow_ptycho_flavor.errors import (
     ConfigMismatchError,
     CorruptBundleError,
+    InvalidArgumentError,
     TensorFlowBundleError,
     UnsupportedBundleError,
     short_repr,
@@ -163,8 +163,7 @@ class BundleContents:
 
 def _decode_manifest(reader: ArchiveReader, allow_unsafe: bool | None) -> dict[str, Any]:
     if MANIFEST_MEMBER not in reader:
-        raise not_a_bundle_error(
-            reader.path,
+        raise reader.refusal(
             f"{reader.path} has no manifest.dill: not a PtychoPINN bundle (members: "
             f"{short_repr(sorted(reader.names)[:10])})",
             CorruptBundleError,
@@ -393,22 +392,30 @@ def _architecture_params(config: NetworkConfig) -> dict[str, Any]:
 
 
 def _plain_provenance(value: Any, depth: int = 0) -> Any:
-    """A copy of ``value`` made of plain data only, so the manifest stays readable by the restricted unpickler."""
+    """A copy of ``value`` made of plain data only, so the manifest stays readable by the restricted unpickler.
+
+    Raises:
+        InvalidArgumentError: anything but str/int/float/bool/None, lists/tuples and str-keyed dicts, a non-finite
+            float, or nesting deeper than 8 levels.
+    """
     if depth > 8:
-        raise ValueError("provenance nests deeper than 8 levels")
+        raise InvalidArgumentError("provenance nests deeper than 8 levels; it is a small record of plain data")
     if value is None or isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"provenance holds a non-finite float {value!r}")
+            raise InvalidArgumentError(f"provenance holds a non-finite float {value!r}")
         return value
     if isinstance(value, (list, tuple)):
         return [_plain_provenance(v, depth + 1) for v in value]
     if isinstance(value, Mapping):
         if not all(isinstance(k, str) for k in value):
-            raise ValueError("provenance dict keys must be strings")
+            raise InvalidArgumentError("provenance dict keys must be strings")
         return {k: _plain_provenance(v, depth + 1) for k, v in value.items()}
-    raise ValueError(f"provenance must be plain data, got a {type(value).__name__}")
+    raise InvalidArgumentError(
+        f"provenance must be plain data (str, int, float, bool, None, lists, str-keyed dicts), got a "
+        f"{type(value).__name__}"
+    )
 
 
 def _split_models(models: Any) -> tuple[PtychoPINNNetwork, Any]:
@@ -533,6 +540,8 @@ def write_bundle(
         "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in members},
     }
     if provenance is not None:
+        if not isinstance(provenance, Mapping):
+            raise InvalidArgumentError(f"provenance must be a dict of plain data, got {type(provenance).__name__}")
         manifest["provenance"] = _plain_provenance(provenance)
     target = resolve_bundle_path(path, for_writing=True)
     write_zip(target, [(MANIFEST_MEMBER, _pickle_bytes(manifest))] + members,

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError
+from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_repr
 
 __all__ = [
     "safe_loads",
@@ -245,6 +245,38 @@ def _safe_ordered_dict(*args: Any) -> collections.OrderedDict:
     return collections.OrderedDict(*(_materialized(a, "OrderedDict()") for a in args))
 
 
+def _tf_tensor_to_numpy(*args: Any, **kwargs: Any) -> Any:
+    """Stand-in for ``tensorflow.python.framework.ops.convert_to_tensor``: the numeric array it was given.
+
+    TensorFlow training runs leave the probe in ``params.dill`` as an ``EagerTensor``, which dill pickles as
+    ``convert_to_tensor(<numpy array>)`` (docs/bundle-format.md §9.2). Only that form is accepted: one positional
+    numpy array (already rebuilt from validated numeric bytes), no dtype or other arguments. Nothing from
+    TensorFlow is imported or run.
+    """
+    import numpy as np
+
+    if kwargs or len(args) != 1:
+        raise UnsafeBundleError(
+            f"the pickle calls tensorflow convert_to_tensor with {len(args)} argument(s) and keywords "
+            f"{short_repr(sorted(map(str, kwargs))[:5])}; only convert_to_tensor(<numeric array>) is accepted"
+        )
+    (value,) = args
+    if isinstance(value, _ArrayRecord):
+        value = value.result()
+    if not isinstance(value, np.ndarray):
+        raise UnsafeBundleError(
+            f"the pickle calls tensorflow convert_to_tensor on a {type(value).__name__}; only a numeric numpy "
+            "array (how dill stores an EagerTensor) is accepted"
+        )
+    return value
+
+
+#: The one TensorFlow global :func:`safe_loads` resolves when ``allow_tensorflow_tensors=True``.
+_TENSORFLOW_CALLABLES: dict[tuple[str, str], Any] = {
+    ("tensorflow.python.framework.ops", "convert_to_tensor"): _tf_tensor_to_numpy,
+}
+
+
 _ALLOWED_CALLABLES: dict[tuple[str, str], Any] = {
     ("builtins", "set"): _safe_set,
     ("builtins", "frozenset"): _safe_frozenset,
@@ -266,12 +298,22 @@ _ALLOWED_CALLABLES: dict[tuple[str, str], Any] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, member: str) -> None:
+    def __init__(self, file: io.BytesIO, member: str, *, tensorflow_tensors: bool = False) -> None:
         super().__init__(file)
         self._member = member
+        self._tensorflow_tensors = tensorflow_tensors
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED_CALLABLES.get((module, name))
+        if allowed is None and self._tensorflow_tensors:
+            allowed = _TENSORFLOW_CALLABLES.get((module, name))
+            if allowed is None:  # no allow_unsafe escape hatch is offered in this mode
+                raise UnsafeBundleError(
+                    f"{self._member} references the global {str(module)[:100]}.{str(name)[:100]}, "
+                    "which the safe loader refuses: only plain data, numpy numeric arrays and "
+                    "tensorflow.python.framework.ops.convert_to_tensor of a numeric array (a pickled EagerTensor) "
+                    "are accepted. Nothing was imported or called"
+                )
         if allowed is None:
             raise UnsafeBundleError(
                 f"{self._member} references the global {module}.{name}, which the safe loader refuses "
@@ -369,7 +411,9 @@ def _resolve_records(value: Any, member: str) -> Any:
     return resolve(value)
 
 
-def safe_loads(data: bytes, *, member: str, allow_unsafe: bool | None = None) -> Any:
+def safe_loads(
+    data: bytes, *, member: str, allow_unsafe: bool | None = None, allow_tensorflow_tensors: bool = False
+) -> Any:
     """Decode a pickle/dill member holding plain data.
 
     Args:
@@ -377,6 +421,9 @@ def safe_loads(data: bytes, *, member: str, allow_unsafe: bool | None = None) ->
         member: the member name, used in error messages.
         allow_unsafe: ``True`` unpickles with dill (runs code from the file!); ``None`` consults
             ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``.
+        allow_tensorflow_tensors: also accept ``tensorflow.python.framework.ops.convert_to_tensor(<numeric
+            array>)`` - how a TensorFlow ``params.dill`` stores its probe - decoding it to the numpy array; every
+            other TensorFlow global stays refused. Only the TensorFlow archive reader sets it.
 
     Raises:
         UnsafeBundleError: the pickle references a global outside the allow-list, or asks for a structure that
@@ -400,7 +447,9 @@ def safe_loads(data: bytes, *, member: str, allow_unsafe: bool | None = None) ->
         # their declared size, whereas the C unpickler allocates it before finding the data is not there.
         for _ in pickletools.genops(data):
             pass
-        value = _RestrictedUnpickler(io.BytesIO(data), member).load()
+        value = _RestrictedUnpickler(
+            io.BytesIO(data), member, tensorflow_tensors=allow_tensorflow_tensors
+        ).load()
         check_plain_data(value, member=member, size=len(data))
         return _resolve_records(value, member)
     except (UnsafeBundleError, CorruptBundleError) as exc:
