@@ -4,6 +4,7 @@ Commands:
     demo           simulate a scan, train briefly, log + register in MLflow, reload, stitch, write a PNG
     inspect        describe a bundle or a logged model (manifest, architecture, parameters, hashes)
     predict        reconstruct an NPZ scan with a bundle or a logged model, optionally stitched, with a PNG
+    convert        turn a Lightning checkpoint (.ckpt) or a TensorFlow wts.h5.zip into a PyTorch bundle
     log            log an existing wts.h5.zip (e.g. trained by upstream PtychoPINN) into MLflow
     serve          run ``mlflow models serve`` for a ptycho_torch model with the right flags
     simulate       write a simulated scan (upstream's NPZ schema)
@@ -192,6 +193,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mlflow_ptycho_flavor.convert import convert_any
+
+    result = convert_any(args.src, args.dst, intensity_scale=args.intensity_scale)
+    print(f"converted {result.source_kind.value.replace('_', ' ')} {result.source} -> {result.bundle}")
+    _print_table(
+        [
+            ("source sha256", result.source_sha256),
+            ("source bytes", result.source_size),
+            ("bundle bytes", result.bundle.stat().st_size),
+        ]
+    )
+    return 0
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     import mlflow
 
@@ -281,7 +297,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptycho-flavor",
-        description="PtychoPINN PyTorch models (wts.h5.zip) as MLflow models: demo, inspect, predict, log, serve.",
+        description="PtychoPINN PyTorch models (wts.h5.zip) as MLflow models: demo, inspect, predict, convert, log, "
+        "serve.",
         epilog="Run 'ptycho-flavor <command> --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
@@ -321,9 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=None, help="'cpu', 'cuda:0' or 'auto' (default: auto)")
     predict.set_defaults(func=cmd_predict)
 
+    convert = sub.add_parser("convert", help="turn a Lightning checkpoint or a TensorFlow archive into a bundle",
+                             description="Detect what SRC is and convert it exactly into a standalone PyTorch "
+                             "wts.h5.zip: a Lightning checkpoint (.ckpt) of upstream's current training, or a "
+                             "TensorFlow PtychoPINN wts.h5.zip (no TensorFlow needed). Anything else is refused "
+                             "with one line saying what it is; nothing is written then.")
+    convert.add_argument("src", help="the .ckpt file or TensorFlow wts.h5.zip (or a folder holding it)")
+    convert.add_argument("dst", help="the bundle to write: out/wts.h5.zip, out/wts.h5, model.zip, or an existing folder")
+    convert.add_argument("--intensity-scale", type=float, default=None,
+                         help="checkpoints only: the physics scale to record in params.dill (default 1.0; "
+                         "a checkpoint does not hold it, and inference does not use it)")
+    convert.set_defaults(func=cmd_convert)
+
     log = sub.add_parser("log", help="log an existing wts.h5.zip into MLflow (optionally register)",
-                         description="Log a bundle byte-for-byte as a ptycho_torch MLflow model.")
-    log.add_argument("bundle", help="the wts.h5.zip to log")
+                         description="Log a bundle byte-for-byte as a ptycho_torch MLflow model. A Lightning "
+                         "checkpoint or a TensorFlow archive is converted on the way in (the TensorFlow archive "
+                         "is also kept in the model, byte for byte).")
+    log.add_argument("bundle", help="the wts.h5.zip (or .ckpt / TensorFlow wts.h5.zip) to log")
     log.add_argument("--name", default="model", help="model name inside the run (default: %(default)s)")
     log.add_argument("--registered-model-name", default=None, help="also register under this name")
     log.add_argument("--alias", default=None, help="set this alias on the new version (needs --registered-model-name)")

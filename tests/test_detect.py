@@ -1,4 +1,5 @@
-"""identify_artifact / describe_for_error: whatever a user hands over is named correctly, from bounded reads only.
+"""identify_artifact / describe_for_error: whatever a user hands over is named correctly, from bounded reads only,
+and the bundle reader's refusals of foreign files say what they are and how to convert them.
 
 Real containers throughout: upstream's checkpoint and bundle fixtures, checkpoints and state_dicts written here
 with ``torch.save``, an MLflow model directory written by the flavor, a TensorFlow archive built with the member
@@ -22,7 +23,14 @@ import torch
 
 from mlflow_ptycho_flavor.sim.dataset import save_npz
 from mlflow_ptycho_flavor.sim.simulate import simulate_dataset
+from mlflow_ptycho_flavor.bundle import read_bundle
 from mlflow_ptycho_flavor.bundle.identify import ArtifactKind, DetectLimits, describe_for_error, identify_artifact
+from mlflow_ptycho_flavor.errors import (
+    CorruptBundleError,
+    NotABundleError,
+    TensorFlowBundleError,
+    UnsafeBundleError,
+)
 from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "checkpoints" / "main_n64_g1_default"
@@ -208,3 +216,43 @@ def test_long_paths_are_shortened_in_messages(tmp_path):
     path.write_bytes(b"junk")
     message = describe_for_error(path)
     assert message.split(" is ", 1)[0].endswith("...") and len(message.split(" is ", 1)[0]) == 200
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The bundle reader names what a foreign file is (docs/bundle-format.md §11), with the fix
+# ----------------------------------------------------------------------------------------------------------------
+def _zip_of(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "fragments"),
+    [
+        (lambda d: CKPT, NotABundleError,
+         ["is not a PtychoPINN bundle but a PyTorch Lightning checkpoint", f"ptycho-flavor convert {CKPT} out/"]),
+        (lambda d: _tensorflow_archive(d / "wts.h5.zip"), TensorFlowBundleError,
+         ["is a TensorFlow PtychoPINN archive (manifest version '1.0'", "not a PyTorch bundle", "ptycho-flavor convert"]),
+        (lambda d: torch.save(PtychoPINNNetwork(NetworkConfig(N=64, C_model=1, n_filters_scale=1)).state_dict(),
+                              d / "model.pth") or d / "model.pth", NotABundleError,
+         ["is not a PtychoPINN bundle but a bare PyTorch state_dict", "save_torch_bundle"]),
+        (lambda d: save_npz(simulate_dataset(N=64, n_scan=4, seed=0), d / "scan.npz") or d / "scan.npz",
+         NotABundleError, ["is not a PtychoPINN bundle but a NumPy .npz archive", "not a model"]),
+        (lambda d: (d / "x.zip").write_bytes(np.random.default_rng(1).bytes(512)) and d / "x.zip", NotABundleError,
+         ["is not a zip archive", "It is not a recognised format"]),
+        (lambda d: _zip_of(d / "many.zip", {f"f{i}.txt": b"x" for i in range(70)}), UnsafeBundleError,
+         ["lists 70 members (limit 64)", "It is a zip archive of another kind"]),
+        (lambda d: _zip_of(d / "readme.zip", {"readme.txt": b"hello"}), CorruptBundleError,
+         ["has no manifest.dill", "It is a zip archive of another kind (members 'readme.txt')"]),
+    ],
+    ids=["checkpoint", "tensorflow", "bare-state-dict", "npz", "random-bytes", "many-members", "no-manifest"],
+)
+def test_bundle_reader_refusals_name_what_the_file_is(tmp_path, make, error, fragments):
+    path = make(tmp_path)
+    with pytest.raises(error) as excinfo:
+        read_bundle(path)
+    assert type(excinfo.value) is error
+    for fragment in fragments:
+        assert fragment in str(excinfo.value)

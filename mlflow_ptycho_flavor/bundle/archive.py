@@ -110,16 +110,17 @@ def _check_member_name(name: str) -> None:
 def not_a_bundle_error(path: Path, problem: str, fallback: type[BundleError]) -> BundleError:
     """The error for a file the bundle reader cannot take: ``problem`` plus what the file is and what to do with it.
 
-    The file is identified from bounded reads (:func:`~.identify.identify_artifact`, docs/bundle-format.md §11):
-    a TensorFlow archive gives :class:`~.errors.TensorFlowBundleError`; a Lightning checkpoint, a bare state_dict
-    or an NPZ dataset gives :class:`~.errors.NotABundleError` (whichever check tripped first, the file is simply
-    not a bundle); anything else gives ``fallback`` with the description appended.
+    The file is identified from bounded reads (:func:`~.identify.identify_artifact`, docs/bundle-format.md §11).
+    A TensorFlow archive gives :class:`~mlflow_ptycho_flavor.errors.TensorFlowBundleError`; a Lightning
+    checkpoint, a bare state_dict or an NPZ dataset gives :class:`~mlflow_ptycho_flavor.errors.NotABundleError`.
+    For those the message names what the file is instead of ``problem`` (whichever bundle check tripped first -
+    "lists 248 members" - would only mislead). Anything else gives ``fallback``: ``problem`` plus the description.
     """
     info = identify_artifact(path)
     if info.kind is ArtifactKind.TENSORFLOW_ARCHIVE:
-        return TensorFlowBundleError(f"{problem}. {path} is {info.what_and_fix()}")
+        return TensorFlowBundleError(f"{path} is not a PyTorch bundle but {info.what_and_fix()}")
     if info.kind in FOREIGN_KINDS:
-        return NotABundleError(f"{problem}. {path} is not a PtychoPINN bundle but {info.what_and_fix()}")
+        return NotABundleError(f"{path} is not a PtychoPINN bundle but {info.what_and_fix()}")
     if info.kind is ArtifactKind.TORCH_BUNDLE:  # a damaged or tampered bundle: the problem says it all
         return fallback(problem)
     return fallback(f"{problem}. It is {info.what_and_fix()}")

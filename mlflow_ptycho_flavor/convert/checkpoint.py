@@ -59,7 +59,7 @@ import torch
 
 from mlflow_ptycho_flavor._io import PathLike
 from mlflow_ptycho_flavor.bundle import params as params_module
-from mlflow_ptycho_flavor.bundle.archive import _check_member_name
+from mlflow_ptycho_flavor.bundle.archive import _check_member_name, resolve_bundle_path
 from mlflow_ptycho_flavor.bundle.compat import check_fits, config_errors, detect_era, stored_bytes
 from mlflow_ptycho_flavor.bundle.identify import (
     OLDER_ERA_DESCRIPTION,
@@ -819,6 +819,11 @@ def convert_checkpoint(
         or not math.isfinite(intensity_scale)
     ):
         raise InvalidArgumentError(f"intensity_scale must be a finite number, got {short_repr(intensity_scale)}")
+    target = resolve_bundle_path(dst, for_writing=True)
+    if target.exists() and os.path.samefile(target, checkpoint.path):
+        raise InvalidArgumentError(
+            f"the destination {target} is the checkpoint itself; writing there would replace it - choose another path"
+        )
     metadata = checkpoint.bundle_metadata()
     network_config = checkpoint.network_config()
     state_dict = checkpoint.state_dict
@@ -827,8 +832,8 @@ def convert_checkpoint(
     with config_errors(f"{checkpoint.path.name} hyper_parameters"):
         snapshot = _params_snapshot(metadata, intensity_scale)
         check_params_agree(snapshot, network_config)
-    target = write_bundle(
-        dst,
+    write_bundle(
+        target,
         state_dict=state_dict,
         params=snapshot,
         metadata=metadata,

@@ -1205,7 +1205,9 @@ def _border_channels(config: NetworkConfig) -> int:
     return config.channels
 
 
-def convert_tf_bundle(src: PathLike, dst: PathLike, *, limits: BundleLimits = DEFAULT_LIMITS) -> Path:
+def convert_tf_bundle(
+    src: PathLike | TensorFlowArchive, dst: PathLike, *, limits: BundleLimits = DEFAULT_LIMITS
+) -> Path:
     """Convert a TensorFlow PtychoPINN archive into a PyTorch ``wts.h5.zip``, exact to float32 rounding.
 
     The output is in upstream's PyTorch layout (``manifest.dill``, ``diffraction_to_obj/{model.pth, params.dill}``,
@@ -1216,7 +1218,8 @@ def convert_tf_bundle(src: PathLike, dst: PathLike, *, limits: BundleLimits = DE
     amplitudes the TF CNN saw, with an input scale factor of 1.
 
     Args:
-        src: the TF ``wts.h5.zip`` (or its base ``wts.h5``, or a folder holding it).
+        src: the TF ``wts.h5.zip`` (or its base ``wts.h5``, or a folder holding it), or a
+            :class:`TensorFlowArchive` already read.
         dst: where to write: ``out/wts.h5.zip``, ``out/wts.h5`` or an existing folder. Written atomically.
         limits: zip caps for the source archive and its nested ``model.keras``.
 
@@ -1229,7 +1232,7 @@ def convert_tf_bundle(src: PathLike, dst: PathLike, *, limits: BundleLimits = DE
         UnsafeBundleError, CorruptBundleError, NotABundleError, ConfigMismatchError: hostile, damaged or
             inconsistent input.
     """
-    archive = read_tf_archive(src, limits=limits)
+    archive = src if isinstance(src, TensorFlowArchive) else read_tf_archive(src, limits=limits)
     target = resolve_bundle_path(dst, for_writing=True)
     if target.exists() and os.path.samefile(target, archive.path):
         raise _refuse(f"the destination {target} is the source archive itself; writing there would replace it")

@@ -40,7 +40,9 @@ from mlflow_ptycho_flavor.bundle import (
     read_bundle,
     save_torch_bundle,
 )
-from mlflow_ptycho_flavor.errors import BundleError, NotABundleError
+from mlflow_ptycho_flavor.bundle.identify import ArtifactInfo, ArtifactKind, identify_artifact
+from mlflow_ptycho_flavor.convert import CONVERTIBLE_KINDS, ConversionResult, convert_any, unconvertible
+from mlflow_ptycho_flavor.errors import BundleError, NotABundleError, PtychoFlavorError
 from mlflow_ptycho_flavor.flavor import env as _mlflow_env
 from mlflow_ptycho_flavor.flavor.env import invalid_parameter
 from mlflow_ptycho_flavor.flavor.pyfunc_model import PtychoTorchPyfuncModel, param_schema
@@ -60,6 +62,8 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 LOADER_MODULE = "mlflow_ptycho_flavor"
+#: Folder of the model directory that keeps a converted TensorFlow archive byte for byte.
+SOURCE_DIR = "source"
 _DEVICE_ENV = "MLFLOW_DEFAULT_PREDICTION_DEVICE"
 
 
@@ -100,8 +104,8 @@ def _validate_model_argument(model: Any) -> None:
     if isinstance(model, (str, os.PathLike)):
         return
     raise TypeError(
-        "`model` must be a PtychoPINNNetwork (the diffraction_to_obj module) or a path to a wts.h5.zip bundle, "
-        f"got {type(model).__name__}"
+        "`model` must be a PtychoPINNNetwork (the diffraction_to_obj module) or a path to a wts.h5.zip bundle, a "
+        f"Lightning checkpoint or a TensorFlow archive, got {type(model).__name__}"
     )
 
 
@@ -113,8 +117,10 @@ def _check_target(path: Path) -> None:
         )
 
 
-def _flavor_section(contents: BundleContents, bundle_sha256: str) -> dict[str, Any]:
-    return {
+def _flavor_section(
+    contents: BundleContents, bundle_sha256: str, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    section = {
         "bundle": BUNDLE_FILE_NAME,
         "bundle_version": contents.version,
         "backend": contents.backend,
@@ -126,6 +132,9 @@ def _flavor_section(contents: BundleContents, bundle_sha256: str) -> dict[str, A
         "input": "float32 amplitudes (B, C, N, N) or (B, N, N) for C=1; optional per-sample scale",
         "output": "complex64 (B, C, N, N); JSON-safe real/imag or amp/phase forms when serving",
     }
+    if source is not None:
+        section["source"] = source
+    return section
 
 
 def _sha256(path: Path) -> str:
@@ -134,6 +143,57 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _identify_model_path(model: Any, *, config: Any, autoencoder: Any, intensity_scale: Any) -> ArtifactInfo:
+    """What a ``model`` path is; refuses (nothing written yet) what is neither a bundle nor convertible, and the
+    network-only arguments (``intensity_scale`` is also taken when converting a Lightning checkpoint)."""
+    shown = os.fspath(model)
+    info = identify_artifact(model)
+    scale_allowed = info.kind is ArtifactKind.LIGHTNING_CHECKPOINT
+    if config is not None or autoencoder is not None or (intensity_scale is not None and not scale_allowed):
+        raise invalid_parameter(
+            "`config`, `autoencoder` and `intensity_scale` apply when saving a network (`intensity_scale` also "
+            "when converting a Lightning checkpoint); a bundle path is stored as it is"
+        )
+    if info.kind is ArtifactKind.TORCH_BUNDLE:
+        try:
+            read_bundle(model)
+        except BundleError as exc:
+            raise invalid_parameter(f"`model` path {shown!r} is not a loadable bundle: {exc}") from exc
+    elif info.kind not in CONVERTIBLE_KINDS:
+        error = unconvertible(info)
+        raise invalid_parameter(f"`model` path {shown!r} is not a loadable bundle: {error}") from error
+    return info
+
+
+def _convert_into(model: Any, bundle_path: Path, staging: Path, intensity_scale: float | None) -> dict[str, Any]:
+    """Convert a checkpoint or TF archive to ``bundle_path``; a TF archive is also kept under ``source/``.
+
+    Returns:
+        The MLmodel flavor section's ``source`` record: kind, file name, sha256, size, and the stored copy.
+    """
+    try:
+        result: ConversionResult = convert_any(model, bundle_path, intensity_scale=intensity_scale)
+    except PtychoFlavorError as exc:
+        raise invalid_parameter(f"`model` path {os.fspath(model)!r} could not be converted into a bundle: {exc}") from exc
+    record: dict[str, Any] = {
+        "kind": result.source_kind.value,
+        "file_name": result.source.name,
+        "sha256": result.source_sha256,
+        "size_bytes": result.source_size,
+    }
+    if result.source_kind is ArtifactKind.TENSORFLOW_ARCHIVE:
+        stored = staging / SOURCE_DIR / result.source.name
+        stored.parent.mkdir()
+        shutil.copyfile(result.source, stored)
+        if _sha256(stored) != result.source_sha256:
+            raise invalid_parameter(
+                f"{result.source} changed while it was being logged (its sha256 no longer matches the bytes "
+                "converted); log it again once nothing writes to it"
+            )
+        record["artifact"] = f"{SOURCE_DIR}/{result.source.name}"
+    return record
 
 
 def save_model(
@@ -157,11 +217,17 @@ def save_model(
 
     Args:
         model: the ``diffraction_to_obj`` :class:`PtychoPINNNetwork`, or a path to an existing ``wts.h5.zip``
-            (validated, then stored byte for byte - bundles trained by upstream are logged as they are).
+            (validated, then stored byte for byte - bundles trained by upstream are logged as they are), or to a
+            Lightning checkpoint (``*.ckpt``) or TensorFlow archive, converted exactly into the model's bundle
+            (:func:`mlflow_ptycho_flavor.convert.convert_any`). A TensorFlow archive is also stored byte for byte
+            as ``source/<name>``; the flavor section's ``source`` records the kind, sha256 and size of what was
+            converted. Anything else (a bare state_dict, an MLflow model directory, unknown bytes) is refused
+            naming what it is.
         path: the model directory to create (must not exist, or be empty).
         config: legacy ``params.cfg`` values recorded in the bundle when saving a network (``nphotons``, ...).
         autoencoder: optional autoencoder module (default: upstream's weightless sentinel).
-        intensity_scale: the physics scaling constant recorded in ``params.dill`` (network input only).
+        intensity_scale: the physics scaling constant recorded in ``params.dill`` (when saving a network or
+            converting a Lightning checkpoint).
         signature: model signature; inferred (output tensors + params schema) when omitted.
         input_example: an input example to store with the model.
         pip_requirements, extra_pip_requirements, conda_env: environment overrides, as in ``mlflow.pytorch``.
@@ -176,27 +242,21 @@ def save_model(
     """
     _mlflow_env.validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     _validate_model_argument(model)
-    if not isinstance(model, PtychoPINNNetwork) and (config is not None or autoencoder is not None or intensity_scale is not None):
-        raise invalid_parameter(
-            "`config`, `autoencoder` and `intensity_scale` apply when saving a network; a bundle path is stored "
-            "as it is"
-        )
     if model_config is not None and not isinstance(model_config, dict):
         raise invalid_parameter(f"`model_config` must be a dict, got {type(model_config).__name__}")
     target = Path(os.fspath(path)).resolve()
     _check_target(target)
-    source_bundle = None
+    source_info = None
     if not isinstance(model, PtychoPINNNetwork):
-        try:
-            source_contents = read_bundle(model)
-        except BundleError as exc:
-            raise invalid_parameter(f"`model` path {os.fspath(model)!r} is not a loadable bundle: {exc}") from exc
-        source_bundle = source_contents.path
+        source_info = _identify_model_path(model, config=config, autoencoder=autoencoder, intensity_scale=intensity_scale)
 
     with atomic_directory(target) as staging:
         bundle_path = staging / BUNDLE_FILE_NAME
-        if source_bundle is not None:
-            shutil.copyfile(source_bundle, bundle_path)
+        source_record = None
+        if source_info is not None and source_info.kind is ArtifactKind.TORCH_BUNDLE:
+            shutil.copyfile(source_info.path, bundle_path)
+        elif source_info is not None:
+            source_record = _convert_into(model, bundle_path, staging, intensity_scale)
         else:
             models: dict[str, Any] = {"diffraction_to_obj": model}
             if autoencoder is not None:
@@ -214,7 +274,9 @@ def save_model(
         if metadata is not None:
             mlflow_model.metadata = metadata
         code_dir = _mlflow_env.copy_code_paths(code_paths, str(staging))
-        mlflow_model.add_flavor(FLAVOR_NAME, code=code_dir, **_flavor_section(contents, _sha256(bundle_path)))
+        mlflow_model.add_flavor(
+            FLAVOR_NAME, code=code_dir, **_flavor_section(contents, _sha256(bundle_path), source_record)
+        )
         pyfunc.add_to_model(
             mlflow_model,
             loader_module=LOADER_MODULE,
@@ -253,7 +315,8 @@ def log_model(
     model_config: dict[str, Any] | None = None,
     **kwargs: Any,
 ):
-    """Log a PtychoPINN model (network or ``wts.h5.zip`` path) as an MLflow model; see :func:`save_model`.
+    """Log a PtychoPINN model (network, ``wts.h5.zip``, ``.ckpt`` or TF archive path) as an MLflow model; see
+    :func:`save_model`.
 
     Works with or without an active run (MLflow starts one when needed). ``registered_model_name`` also
     registers a model version. Extra keyword arguments (``params``, ``tags``, ``model_type``, ``step``,
