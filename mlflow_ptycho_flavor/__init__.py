@@ -3,7 +3,9 @@
 Two layers:
 
 * standalone (no MLflow needed): :func:`save_torch_bundle` / :func:`load_torch_bundle` read and write upstream's
-  ``wts.h5.zip`` layout, with the clean-room network :class:`PtychoPINNNetwork`;
+  ``wts.h5.zip`` layout, with the clean-room network :class:`PtychoPINNNetwork`; :func:`convert_any` turns
+  Lightning checkpoints and TensorFlow archives into such bundles, and :func:`identify_artifact` says what any
+  file or folder is;
 * the MLflow flavor: :func:`save_model`, :func:`log_model`, :func:`load_model` and the pyfunc loader. MLflow is
   imported only when one of these is first used, and ``mlflow.ptycho_torch`` appears as soon as both this
   package and MLflow are imported, in either order.
@@ -23,9 +25,12 @@ FLAVOR_NAME = "ptycho_torch"
 
 from mlflow_ptycho_flavor import _mlflow_hook  # noqa: E402
 from mlflow_ptycho_flavor.bundle import BundleLimits, load_torch_bundle, read_bundle, save_torch_bundle
+from mlflow_ptycho_flavor.bundle.identify import ArtifactKind, identify_artifact
+from mlflow_ptycho_flavor.convert import convert_any
 from mlflow_ptycho_flavor.errors import (
     ArchitectureEraError,
     BundleError,
+    CheckpointError,
     ConfigMismatchError,
     CorruptBundleError,
     DatasetError,
@@ -34,6 +39,8 @@ from mlflow_ptycho_flavor.errors import (
     PtychoFlavorError,
     StateDictMismatchError,
     TensorFlowBundleError,
+    TensorFlowConversionError,
+    UnconvertibleInputError,
     UnsafeBundleError,
     UnsupportedBundleError,
 )
@@ -55,6 +62,9 @@ __all__ = [
     "load_torch_bundle",
     "read_bundle",
     "restore_params",
+    "convert_any",
+    "identify_artifact",
+    "ArtifactKind",
     "BundleLimits",
     "NetworkConfig",
     "PtychoPINNNetwork",
@@ -66,6 +76,9 @@ __all__ = [
     "UnsafeBundleError",
     "UnsupportedBundleError",
     "TensorFlowBundleError",
+    "TensorFlowConversionError",
+    "CheckpointError",
+    "UnconvertibleInputError",
     "ArchitectureEraError",
     "ConfigMismatchError",
     "StateDictMismatchError",

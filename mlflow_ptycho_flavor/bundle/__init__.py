@@ -1,6 +1,8 @@
 """The standalone ``wts.h5.zip`` bundle format: reading, validating, loading and writing. Never imports MLflow.
 
-Layers inside (each imports only those before it): :mod:`.archive` (bounded zip reader and writer),
+Layers inside (each imports only those before it): :mod:`.identify` (what a file or folder is, from bounded
+reads: bundle, TensorFlow archive, Lightning checkpoint, bare state_dict, MLflow model directory, dataset),
+:mod:`.archive` (bounded zip reader and writer; its refusals name what a foreign file is),
 :mod:`.unpickle` (restricted decoding of pickled members), :mod:`.params` (the legacy ``params.cfg`` snapshot and
 CONFIG-001), :mod:`.metadata` (``torch_scaling_metadata.pt`` <-> network config), :mod:`.compat` (eras and the
 fit check), :mod:`.io` (``read_bundle`` / ``load_torch_bundle`` / ``save_torch_bundle``).
@@ -13,13 +15,18 @@ from mlflow_ptycho_flavor.bundle.archive import (
     looks_like_bundle_path,
     resolve_bundle_path,
 )
+from mlflow_ptycho_flavor.bundle.identify import ArtifactInfo, ArtifactKind, describe_for_error, identify_artifact
 from mlflow_ptycho_flavor.bundle.io import BundleContents, load_torch_bundle, read_bundle, save_torch_bundle
 
 __all__ = [
+    "ArtifactInfo",
+    "ArtifactKind",
     "BUNDLE_FILE_NAME",
     "DEFAULT_LIMITS",
     "BundleContents",
     "BundleLimits",
+    "describe_for_error",
+    "identify_artifact",
     "load_torch_bundle",
     "looks_like_bundle_path",
     "read_bundle",
