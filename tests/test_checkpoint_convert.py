@@ -441,3 +441,20 @@ def test_batch_norm_checkpoint_with_int64_buffers_converts_exactly(tmp_path, che
     with torch.no_grad():
         expected = network(x, factor).numpy()
     np.testing.assert_array_equal(_predict(bundle, io_npz), expected)
+
+
+def test_a_written_bundle_that_would_not_load_never_replaces_the_destination(tmp_path, checkpoint):
+    """write_bundle(verify=True), the converter's last step: the finished archive is re-read before the rename."""
+    from mlflow_ptycho_flavor.bundle.io import write_bundle
+
+    contents = read_bundle(UPSTREAM_BUNDLE)
+    incomplete = OrderedDict(list(checkpoint.state_dict.items())[:-1])  # one weight short of the configured network
+    dst = tmp_path / "wts.h5.zip"
+    dst.write_bytes(b"previous bundle")
+    with pytest.raises(StateDictMismatchError):
+        write_bundle(dst, state_dict=incomplete, params=contents.params, metadata=contents.metadata, verify=True)
+    assert dst.read_bytes() == b"previous bundle"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wts.h5.zip"]  # no temporary file left
+    written = write_bundle(dst, state_dict=checkpoint.state_dict, params=contents.params, metadata=contents.metadata,
+                           verify=True)
+    assert read_bundle(written).state_dict.keys() == checkpoint.state_dict.keys()
