@@ -10,7 +10,9 @@ Commands:
     simulate       write a simulated scan (upstream's NPZ schema)
     spark-predict  batch inference on Spark (needs the ``spark`` extra)
 
-User mistakes print one line ``error: ...`` and exit with status 2; no traceback.
+User mistakes print one line ``error: ...`` and exit with status 2; no traceback. Arguments are checked before
+any output is written or any run is started, and bundle paths never import MLflow (``predict`` and ``inspect`` of a
+``wts.h5.zip`` work where MLflow is not installed).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "build_parser"]
+from mlflow_ptycho_flavor.errors import PredictionInputError, PtychoFlavorError
+
+__all__ = ["main", "build_parser", "interpreter_env"]
 
 EXIT_USAGE = 2
 
@@ -36,6 +39,21 @@ class CliError(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
+def interpreter_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``extra``, with the running interpreter's ``bin`` folder first on ``PATH``.
+
+    ``mlflow models serve --env-manager local`` starts ``uvicorn`` by name (``bash -c "exec uvicorn ..."``), so it
+    must find the ``uvicorn`` installed next to this interpreter even when the venv is not activated (e.g.
+    ``/path/to/venv/bin/ptycho-flavor serve`` run from a plain shell). ``sys.executable`` is deliberately not
+    resolved: a venv's ``bin/python`` is a symlink to the base interpreter, and the venv's folder is the one wanted.
+    """
+    env = {**os.environ, **(extra or {})}
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    entries = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+    env["PATH"] = os.pathsep.join([bin_dir, *entries])
+    return env
+
+
 def _load_any(target: str, device: str | None):
     """A PtychoTorchModel from a bundle path (no MLflow needed), a model directory or any MLflow model URI."""
     from mlflow_ptycho_flavor.bundle import looks_like_bundle_path, resolve_bundle_path
@@ -130,21 +148,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict_dataset(model, dataset, *, batch_size: int, stitch: bool, scale: str):
+def _parse_scale(scale: str) -> tuple[str, float | None]:
+    """``--scale`` -> (normalize, factor), with the model's own rule for factors (finite, > 0)."""
+    if scale == "dataset":
+        return "dataset", None
+    if scale == "one":
+        return "none", None
+    try:
+        factor = float(scale)
+    except ValueError as exc:
+        raise CliError(f"--scale must be 'dataset', 'one' or a number, got {scale[:100]!r}") from exc
+    from mlflow_ptycho_flavor.model.inference import prepare_scale
+
+    try:
+        prepare_scale(factor, 1)
+    except PredictionInputError as exc:
+        raise CliError(f"--scale {scale[:100]}: {exc}") from exc
+    return "none", factor
+
+
+def _check_output_path(option: str, value: str | None) -> None:
+    if value is not None and Path(value).is_dir():
+        raise CliError(f"{option} {value} is a directory; give a file name")
+
+
+def _predict_dataset(model, dataset, *, batch_size: int | None, stitch: bool, scale: str):
     """Group (CONFIG-001: the global holds the bundle's params), predict, optionally stitch."""
     import numpy as np
 
     from mlflow_ptycho_flavor.model.grouping import group_patterns
 
     groups = group_patterns(dataset.diff3d, dataset.xcoords, dataset.ycoords)
-    normalize, factor = "none", None
-    if scale == "dataset":
-        normalize = "dataset"
-    elif scale != "one":
-        try:
-            factor = float(scale)
-        except ValueError as exc:
-            raise CliError(f"--scale must be 'dataset', 'one' or a number, got {scale!r}") from exc
+    normalize, factor = _parse_scale(scale)
     patches = model.predict(groups.diffraction, factor, batch_size=batch_size, normalize=normalize, progress=True)
     stitched = None
     if stitch:
@@ -160,6 +195,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from mlflow_ptycho_flavor._io import atomic_write
     from mlflow_ptycho_flavor.sim.dataset import load_npz
 
+    # Every argument is checked before anything is read, computed or written.
+    if args.png and args.patches_only:
+        raise CliError("--png needs the stitched object; drop --patches-only")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CliError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    _parse_scale(args.scale)
+    _check_output_path("-o", args.output)
+    _check_output_path("--png", args.png)
     dataset = load_npz(args.data)
     model = _load_any(args.model, args.device)
     started = time.perf_counter()
@@ -177,8 +220,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = atomic_write(args.output, lambda handle: np.savez(handle, **arrays))
     print(f"predicted {patches.shape[0]} patch groups of shape {patches.shape[1:]} in {elapsed:.2f} s -> {out}")
     if args.png:
-        if stitched is None:
-            raise CliError("--png needs the stitched object; drop --patches-only")
         from mlflow_ptycho_flavor.sim.plotting import save_reconstruction_figure
 
         truth = mask = None
@@ -209,13 +250,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    import mlflow
-
-    from mlflow_ptycho_flavor.flavor import log_model
+    from mlflow_ptycho_flavor.bundle import read_bundle
+    from mlflow_ptycho_flavor.errors import BundleError
 
     bundle = Path(args.bundle)
     if not bundle.exists():
         raise CliError(f"no bundle at {bundle}")
+    if args.alias and not args.registered_model_name:
+        raise CliError("--alias needs --registered-model-name (an alias points at a registered model version)")
+    # Refusals happen here, before a run exists: a refused log leaves nothing in the tracking store.
+    try:
+        read_bundle(bundle)
+    except BundleError as exc:
+        raise CliError(f"{bundle} is not a loadable bundle: {exc}") from exc
+    import mlflow
+
+    from mlflow_ptycho_flavor.flavor import env as _mlflow_env
+    from mlflow_ptycho_flavor.flavor import log_model
+
+    _mlflow_env.validate_registry_names(args.registered_model_name, args.alias)
     uri = _set_tracking(args.tracking_uri)
     if args.experiment:
         _experiment(args.experiment, None)
@@ -238,15 +291,16 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    mlflow_cli = shutil.which("mlflow")
-    command = [mlflow_cli or sys.executable, *([] if mlflow_cli else ["-m", "mlflow"]), "models", "serve",
+    # This interpreter's MLflow (never another one found on PATH), with this interpreter's bin folder on PATH so
+    # that MLflow finds the uvicorn next to it when the venv is not activated.
+    command = [sys.executable, "-m", "mlflow", "models", "serve",
                "-m", args.model_uri, "-h", args.host, "-p", str(args.port), "--env-manager", args.env_manager]
     if args.workers:
         command += ["-w", str(args.workers)]
     print("exec:", " ".join(command), flush=True)
     if args.dry_run:
         return 0
-    os.execv(command[0], command)
+    os.execve(command[0], command, interpreter_env())
     return 0  # pragma: no cover
 
 
@@ -254,7 +308,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from mlflow_ptycho_flavor.sim.dataset import save_npz
     from mlflow_ptycho_flavor.sim.simulate import simulate_dataset
 
-    dataset = simulate_dataset(N=args.N, nphotons=args.nphotons, seed=args.seed)
+    _check_output_path("output", args.output)
+    dataset = simulate_dataset(N=args.N, nphotons=args.nphotons, seed=args.seed)  # checks sizes before allocating
     save_npz(dataset, args.output)
     print(f"simulated {dataset.n_patterns} patterns of {dataset.N}x{dataset.N} -> {args.output}")
     return 0
@@ -412,22 +467,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ptycho-flavor`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from mlflow_ptycho_flavor.errors import PtychoFlavorError
-
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # MLflow-free commands still work
-        MlflowException = PtychoFlavorError  # type: ignore[misc,assignment]
     try:
         return int(args.func(args) or 0)
-    except (CliError, PtychoFlavorError, MlflowException, FileNotFoundError, IsADirectoryError,
-            PermissionError) as exc:
-        message = getattr(exc, "message", None) or str(exc)
-        print(f"error: {message.strip().splitlines()[0] if message.strip() else type(exc).__name__}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only user-facing classes are reported; anything else re-raises
+        if not _is_user_error(exc):
+            raise
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"error: {message.strip().splitlines()[0] if message.strip() else type(exc).__name__}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """The classes reported as one ``error:`` line. ``MlflowException`` is checked only when MLflow was imported
+    (by a command that needed it): a bundle-only command never imports MLflow just to name its error class."""
+    if isinstance(exc, (CliError, PtychoFlavorError, FileNotFoundError, IsADirectoryError, PermissionError)):
+        return True
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    return mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedCheckpointError",
     "TensorFlowConversionError",
     "UnconvertibleInputError",
+    "FlavorUnavailableError",
     "short_repr",
 ]
 
@@ -144,3 +145,11 @@ class UnconvertibleInputError(BundleError, ValueError):
     """A file or folder handed to the converter is none of the formats it turns into bundles (a bare state_dict, an
     MLflow model directory, a dataset, unknown bytes, or already a PyTorch bundle); the message names what it is
     and what to do with it instead."""
+
+
+class FlavorUnavailableError(PtychoFlavorError, AttributeError):
+    """``mlflow.ptycho_torch`` was used where the flavor cannot load (e.g. ``mlflow-skinny`` without pandas).
+
+    An ``AttributeError`` because it is raised on attribute access of the placeholder alias; the message names the
+    import that failed and how to install what is missing. MLflow itself keeps working.
+    """

@@ -26,6 +26,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mlflow_ptycho_flavor.cli import interpreter_env
+
 __all__ = ["ModelServer", "free_port", "post_json", "LoadReport", "run_load"]
 
 LOOPBACK = "127.0.0.1"
@@ -37,8 +39,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _refuse_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
+
+
 def post_json(url: str, body: Any, *, timeout: float = 60.0) -> tuple[int, Any]:
-    """POST a JSON body; returns (status, decoded JSON or text). Never raises for HTTP error statuses."""
+    """POST a JSON body; returns (status, decoded JSON or text). Never raises for HTTP error statuses.
+
+    The answer is decoded as strict JSON: a body with bare ``NaN``/``Infinity`` tokens (which Python's ``json``
+    would accept) comes back as text, so checks that expect decoded JSON fail on it.
+    """
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     if isinstance(data, str):
         data = data.encode()
@@ -49,7 +59,7 @@ def post_json(url: str, body: Any, *, timeout: float = 60.0) -> tuple[int, Any]:
     except urllib.error.HTTPError as exc:
         status, payload = exc.code, exc.read()
     try:
-        return status, json.loads(payload)
+        return status, json.loads(payload, parse_constant=_refuse_constant)
     except ValueError:
         return status, payload.decode(errors="replace")
 
@@ -59,7 +69,8 @@ class ModelServer:
     """``mlflow models serve -m <model_uri> --env-manager local`` on a free loopback port.
 
     Use as a context manager; :attr:`url` is the base URL. ``env`` adds environment variables (e.g. the
-    tracking URI for ``models:/`` URIs).
+    tracking URI for ``models:/`` URIs). The child runs this interpreter (``sys.executable -m mlflow``) with its
+    ``bin`` folder first on ``PATH`` (:func:`interpreter_env`), so it works without an activated venv.
     """
 
     model_uri: str
@@ -78,7 +89,7 @@ class ModelServer:
         self.port = self.port or free_port()
         command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(self.model_uri), "-h", LOOPBACK,
                    "-p", str(self.port), "--env-manager", "local", "-w", str(self.workers)]
-        env = {**os.environ, **self.env}
+        env = interpreter_env(self.env)
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self._process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
@@ -45,7 +44,7 @@ from mlflow_ptycho_flavor.convert import CONVERTIBLE_KINDS, ConversionResult, co
 from mlflow_ptycho_flavor.errors import BundleError, NotABundleError, PtychoFlavorError
 from mlflow_ptycho_flavor.flavor import env as _mlflow_env
 from mlflow_ptycho_flavor.flavor.env import invalid_parameter
-from mlflow_ptycho_flavor.flavor.pyfunc_model import PtychoTorchPyfuncModel, param_schema
+from mlflow_ptycho_flavor.flavor.pyfunc_model import PYFUNC_MAX_CANVAS_PIXELS, PtychoTorchPyfuncModel, param_schema
 from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 from mlflow_ptycho_flavor.network import PtychoPINNNetwork, describe_architecture, resolve_device
 
@@ -416,5 +415,11 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Ptych
     except ValueError as exc:
         raise invalid_parameter(f"{exc} (set via model_config['device'] or {_DEVICE_ENV})") from exc
     channels_last = bool((model_config or {}).get("channels_last") or False)
-    return PtychoTorchPyfuncModel(_load_native(path, device, channels_last=channels_last))
+    max_canvas_pixels = (model_config or {}).get("max_canvas_pixels") or PYFUNC_MAX_CANVAS_PIXELS
+    _mlflow_env.guard_scoring_server()  # a no-op outside the scoring server
+    model = _load_native(path, device, channels_last=channels_last)
+    try:
+        return PtychoTorchPyfuncModel(model, max_canvas_pixels=max_canvas_pixels)
+    except PtychoFlavorError as exc:
+        raise invalid_parameter(f"{exc} (model_config['max_canvas_pixels'])") from exc
 

@@ -2,14 +2,17 @@
 
 Wraps the ``mlflow.utils.*`` functions every built-in flavor uses to validate environment arguments, prepare
 the target directory, copy ``code_paths``, and write ``conda.yaml`` / ``python_env.yaml`` /
-``requirements.txt`` / ``constraints.txt``.
+``requirements.txt`` / ``constraints.txt``; and guards MLflow's scoring server against JSON nested too deeply for
+Python's decoder and against answers that echo the request (:func:`guard_scoring_server`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import os
+import sys
 from typing import Any
 
 import yaml
@@ -52,6 +55,8 @@ __all__ = [
     "download_model",
     "save_input_example",
     "write_environment_files",
+    "guard_scoring_server",
+    "validate_registry_names",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -120,6 +125,26 @@ def flavor_configuration(local_path: str, flavor_name: str) -> dict[str, Any]:
     return _get_flavor_configuration(model_path=local_path, flavor_name=flavor_name)
 
 
+def validate_registry_names(registered_model_name: str | None, alias: str | None) -> None:
+    """Apply MLflow's own checks to a registered model name and an alias before anything is logged.
+
+    Raises:
+        MlflowException: the name or alias is one the registry refuses (``/`` or ``:`` in names, reserved
+            aliases such as ``latest`` or ``v3``, characters outside the alias alphabet).
+    """
+    from mlflow.utils.validation import (
+        _validate_model_alias_name,
+        _validate_model_alias_name_reserved,
+        _validate_model_name,
+    )
+
+    if registered_model_name is not None:
+        _validate_model_name(registered_model_name)
+    if alias is not None:
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+
+
 def download_model(model_uri: str, dst_path: str | None) -> str:
     return _download_artifact_from_uri(artifact_uri=model_uri, output_path=dst_path)
 
@@ -150,3 +175,69 @@ def write_environment_files(
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
     return list(pip_reqs)
+
+
+_SCORING_SERVER = "mlflow.pyfunc.scoring_server"
+_DEEP_JSON_MESSAGE = (
+    "The request body is nested too deeply to decode (Python's JSON decoder stops near 1,000 levels); ptycho_torch "
+    "inputs need at most 6 levels, e.g. {\"inputs\": {\"diffraction\": [[[[...]]]]}}. Send (B, N, N) or "
+    "(B, C, N, N) arrays."
+)
+#: How MLflow's handler prefixes a failed prediction: f"Failed to predict data '{data}'. \nError: {message}".
+_ECHO_PREFIX = "Failed to predict data '"
+_ECHO_SEPARATOR = "'. \nError: "
+#: Longest error message sent back; longer ones (MLflow's own checks may quote a whole request value) are cut.
+_MAX_MESSAGE_CHARS = 2000
+
+
+def _bounded_message(message: str) -> str:
+    if message.startswith(_ECHO_PREFIX) and _ECHO_SEPARATOR in message:
+        message = "Failed to predict: " + message.split(_ECHO_SEPARATOR, 1)[1]
+    if len(message) > _MAX_MESSAGE_CHARS:
+        cut = len(message) - _MAX_MESSAGE_CHARS
+        message = f"{message[:1500]} [... {cut:,} characters cut ...] {message[-500:]}"
+    return message
+
+
+def guard_scoring_server() -> bool:
+    """Keep MLflow's scoring server answers to bad requests a bounded 400 with the model's message.
+
+    Two behaviours of MLflow's ``/invocations`` handler are corrected, by wrapping its ``invocations`` function
+    once (the pyfunc loader runs in the server at start-up, after the scoring server module is imported):
+
+    * the body is decoded with ``json.loads``, which raises ``RecursionError`` (not ``JSONDecodeError``) past
+      about 1,000 nesting levels; the handler lets it escape and the client gets "500 Internal Server Error".
+      It becomes ``MlflowException(BAD_REQUEST)`` with a message saying what is wrong;
+    * a prediction error's message is prefixed with the ``str`` of the whole decoded input, which echoes the
+      request back (a megabyte dict key comes back as a megabyte answer). The echo is dropped and the model's
+      own message (which quotes at most ~100 characters of any value) is kept, with its error code; any message
+      still longer than 2,000 characters (MLflow's parameter checks quote whole values) is cut in the middle.
+
+    Everything else is untouched. Outside the scoring server (its module is not imported) nothing happens.
+
+    Returns:
+        True when the handler is guarded (now or before).
+    """
+    module = sys.modules.get(_SCORING_SERVER)
+    original = getattr(module, "invocations", None) if module is not None else None
+    if original is None:
+        return False
+    if getattr(original, "_ptycho_guard", False):
+        return True
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    @functools.wraps(original)
+    def invocations(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(*args, **kwargs)
+        except RecursionError:
+            raise MlflowException(_DEEP_JSON_MESSAGE, error_code=BAD_REQUEST) from None
+        except MlflowException as exc:
+            if isinstance(exc.message, str):
+                exc.message = _bounded_message(exc.message)
+            raise
+
+    invocations._ptycho_guard = True  # type: ignore[attr-defined]
+    module.invocations = invocations
+    return True

@@ -20,7 +20,14 @@ component (``real``/``imag`` or ``amplitude``/``phase``), each cell one flat flo
 what ``result_type="struct<real:array<float>,imag:array<float>>"`` expects.
 
 Bad input raises ``MlflowException(INVALID_PARAMETER_VALUE)``, which the scoring server answers with HTTP 400
-and the message.
+and the message: every odd input (``None``/``null``, strings, sparse or meta tensors, non-numeric DataFrame
+columns, positions that are not numbers) names the field. Two more refusals keep a served answer bounded and valid:
+
+* ``stitch=True`` builds a canvas sized by the request's positions; it is checked against ``max_canvas_pixels``
+  (:data:`PYFUNC_MAX_CANVAS_PIXELS` = 1024 x 1024 unless ``model_config={"max_canvas_pixels": ...}`` at load)
+  before the network runs;
+* an input that makes the network produce NaN or inf is refused (JSON has no NaN: MLflow's encoder would write
+  bare ``NaN`` tokens, which no strict JSON parser reads).
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ from typing import Any
 
 import numpy as np
 
-from mlflow_ptycho_flavor.errors import PredictionInputError, PtychoFlavorError
+from mlflow_ptycho_flavor.errors import PredictionInputError, PtychoFlavorError, short_repr
 from mlflow_ptycho_flavor.flavor.env import invalid_parameter
 from mlflow_ptycho_flavor.model.inference import OUTPUT_FORMATS, PtychoTorchModel, encode_output
+from mlflow_ptycho_flavor.model.stitching import canvas_side, stitch_patches
 
-__all__ = ["PtychoTorchPyfuncModel", "PARAM_DEFAULTS", "param_schema", "SERVING_ENV"]
+__all__ = ["PtychoTorchPyfuncModel", "PARAM_DEFAULTS", "PYFUNC_MAX_CANVAS_PIXELS", "param_schema", "SERVING_ENV"]
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +59,10 @@ PARAM_DEFAULTS: dict[str, Any] = {
 }
 _DICT_KEYS = ("diffraction", "scale", "positions")
 _SERVING_FORMAT = "real_imag"
+#: Largest stitched canvas the pyfunc builds (pixels): 1024 x 1024, i.e. ~40 MB of JSON (real + imag) per answer
+#: and ~40 MB of working arrays. A request's positions decide the canvas, so the bound is the operator's
+#: (``model_config={"max_canvas_pixels": ...}``), never the request's. ``stitch_patches`` itself allows more.
+PYFUNC_MAX_CANVAS_PIXELS = 1024 * 1024
 
 
 def param_schema():
@@ -87,23 +99,81 @@ def _in_spark_task() -> bool:
     return TaskContext.get() is not None
 
 
-def _column_to_array(column: Any, name: str) -> np.ndarray:
+def _row_error(name: str, row: Any, value: Any, expected: str) -> PredictionInputError:
+    return PredictionInputError(
+        f"DataFrame column `{name}` row {short_repr(row)} holds {short_repr(value)} ({type(value).__name__}); "
+        f"{expected}"
+    )
+
+
+def _pattern_column(column: Any, name: str) -> np.ndarray:
+    """One flattened pattern per row -> float ``(rows, N*N or C*N*N)`` (numeric columns pass through)."""
     values = column.to_numpy()
-    if values.dtype == object:
+    if values.dtype != object:
+        return np.array(values, copy=True)  # pandas 3 may hand out read-only views
+    expected = "every row must hold one flattened pattern (N*N or C*N*N numbers)"
+    rows = []
+    for label, value in zip(column.index, values):
+        if value is None or isinstance(value, (str, bytes, bool, dict)):
+            raise _row_error(name, label, value, expected)
         try:
-            values = np.stack([np.asarray(v, dtype=np.float64).ravel() for v in values])
-        except (ValueError, TypeError) as exc:
-            raise PredictionInputError(
-                f"DataFrame column `{name}` must hold one flattened pattern per row (N*N or C*N*N floats): {exc}"
-            ) from exc
-    return np.array(values, copy=True)  # pandas 3 may hand out read-only views
+            rows.append(np.asarray(value, dtype=np.float64).ravel())
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise _row_error(name, label, value, f"{expected} ({str(exc)[:100]})") from exc
+    if len({row.shape for row in rows}) > 1:
+        raise PredictionInputError(
+            f"DataFrame column `{name}` holds rows of different lengths; {expected}"
+        )
+    return np.stack(rows) if rows else np.empty((0, 0), np.float64)
+
+
+def _number_column(column: Any, name: str, *, allow_bool: bool = False,
+                   expected: str = "every row must hold one number") -> np.ndarray:
+    """One real number per row -> float64 (a bool column is returned as bool when ``allow_bool``, so that the
+    caller's own rule refuses it with its own message)."""
+    values = column.to_numpy()
+    if values.dtype.kind == "b" and allow_bool:
+        return np.array(values, copy=True)
+    if values.dtype.kind in "iuf":
+        return np.array(values, dtype=np.float64)
+    if values.dtype != object:
+        raise PredictionInputError(f"DataFrame column `{name}` has dtype {values.dtype}; {expected}")
+    numbers = np.empty(len(values), dtype=np.float64)
+    for i, (label, value) in enumerate(zip(column.index, values)):
+        if value is None or isinstance(value, (str, bytes, bool, np.bool_)) or not np.isscalar(value):
+            raise _row_error(name, label, value, expected)
+        try:
+            numbers[i] = float(value)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise _row_error(name, label, value, expected) from exc
+    return numbers
+
+
+def _refuse_non_finite(result: np.ndarray, amplitudes: np.ndarray, factors: np.ndarray) -> None:
+    """Refuse outputs holding NaN/inf: JSON cannot carry them and they mean the input overflowed the network."""
+    finite = np.isfinite(result)
+    if finite.all():
+        return
+    bad = int(result.size - np.count_nonzero(finite))
+    largest = float(np.abs(amplitudes).max(initial=0.0)) * float(np.abs(factors).max(initial=0.0))
+    raise PredictionInputError(
+        f"the network produced {bad} non-finite value(s) (NaN/inf) for this input: the scaled input reaches "
+        f"{largest:.3g} (largest `diffraction` x `scale`), beyond what the network handles. The answer is refused "
+        "rather than sent as NaN; check `scale` and that `diffraction` holds amplitudes (sqrt of counts)"
+    )
 
 
 class PtychoTorchPyfuncModel:
     """pyfunc wrapper around :class:`~mlflow_ptycho_flavor.inference.PtychoTorchModel`."""
 
-    def __init__(self, model: PtychoTorchModel) -> None:
+    def __init__(self, model: PtychoTorchModel, *, max_canvas_pixels: int = PYFUNC_MAX_CANVAS_PIXELS) -> None:
+        if isinstance(max_canvas_pixels, bool) or not isinstance(max_canvas_pixels, (int, np.integer)) \
+                or max_canvas_pixels < 1:
+            raise PredictionInputError(
+                f"`max_canvas_pixels` must be a positive integer, got {short_repr(max_canvas_pixels)}"
+            )
         self.model = model
+        self.max_canvas_pixels = int(max_canvas_pixels)
 
     # MLflow's accessors for the underlying object --------------------------------------------------------------
     def get_raw_model(self):
@@ -131,7 +201,7 @@ class PtychoTorchPyfuncModel:
         if fmt == "auto":
             fmt = _SERVING_FORMAT if _in_serving() or _in_spark_task() else "complex"
         elif fmt not in OUTPUT_FORMATS:
-            raise invalid_parameter(f"`output_format`={fmt!r} is not one of {('auto',) + OUTPUT_FORMATS}")
+            raise invalid_parameter(f"`output_format`={short_repr(fmt)} is not one of {('auto',) + OUTPUT_FORMATS}")
         elif fmt == "complex" and _in_serving():
             raise invalid_parameter(
                 "`output_format`='complex' cannot be sent as JSON; ask for 'real_imag' or 'amp_phase' "
@@ -145,23 +215,28 @@ class PtychoTorchPyfuncModel:
         merged["output_format"] = fmt
         batch_size = merged["batch_size"]
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 0:
-            raise invalid_parameter(f"`batch_size` must be an integer >= 0 (0 = default), got {batch_size!r}")
+            raise invalid_parameter(f"`batch_size` must be an integer >= 0 (0 = default), got {short_repr(batch_size)}")
         merged["batch_size"] = int(batch_size) or None  # None: the device's default
         return merged
 
     def _split_input(self, data: Any) -> tuple[Any, Any, Any, Any]:
-        """Return (diffraction, scale, positions, dataframe_index)."""
+        """Return (diffraction, scale, raw positions, dataframe_index)."""
         try:
             import pandas as pd
         except ImportError:  # pragma: no cover - pandas ships with mlflow
             pd = None
         if pd is not None and isinstance(data, pd.DataFrame):
             return self._split_dataframe(data)
+        if data is None:
+            raise PredictionInputError(
+                "input is None (null); pass diffraction amplitudes (B, N, N) / (B, C, N, N), a dict with "
+                "`diffraction`, or a DataFrame with a `diffraction` column"
+            )
         if isinstance(data, dict):
-            unknown = sorted(set(data) - set(_DICT_KEYS))
+            unknown = sorted(map(str, set(data) - set(_DICT_KEYS)))
             if unknown:
                 raise PredictionInputError(
-                    f"dict input has unknown key(s) {unknown}; accepted keys: {list(_DICT_KEYS)}"
+                    f"dict input has unknown key(s) {short_repr(unknown)}; accepted keys: {list(_DICT_KEYS)}"
                 )
             if "diffraction" not in data:
                 raise PredictionInputError("dict input needs a `diffraction` entry (B, N, N) or (B, C, N, N)")
@@ -177,10 +252,10 @@ class PtychoTorchPyfuncModel:
         columns = [str(c) for c in frame.columns]
         frame = frame.set_axis(columns, axis=1)
         if "diffraction" in columns:
-            diffraction = _column_to_array(frame["diffraction"], "diffraction")
+            diffraction = _pattern_column(frame["diffraction"], "diffraction")
         elif len(columns) >= 1 and columns[0] == "0":
             # spark_udf with positional columns: "0" diffraction, "1" scale
-            diffraction = _column_to_array(frame["0"], "0")
+            diffraction = _pattern_column(frame["0"], "0")
             frame = frame.rename(columns={"1": "scale"})
             columns = list(frame.columns)
         else:
@@ -188,21 +263,63 @@ class PtychoTorchPyfuncModel:
                 f"DataFrame input needs a `diffraction` column (one flattened pattern per row); got columns "
                 f"{columns[:8]}"
             )
-        scale = _column_to_array(frame["scale"], "scale").astype(np.float64) if "scale" in columns else None
-        positions = None
-        if "x" in columns and "y" in columns:
-            positions = np.stack([frame["x"].to_numpy(dtype=np.float64), frame["y"].to_numpy(dtype=np.float64)], 1)
+        scale = None
+        if "scale" in columns:
+            scale = _number_column(frame["scale"], "scale", allow_bool=True,
+                                   expected="every row must hold one real number > 0 (a boolean is not a factor)")
+        # x/y are pass-through columns unless stitching: converted (and checked) only when used
+        positions = (frame["x"], frame["y"]) if "x" in columns and "y" in columns else None
         return diffraction, scale, positions, frame.index
+
+    @staticmethod
+    def _positions(raw: Any) -> Any:
+        """The positions to stitch: DataFrame ``x``/``y`` columns as ``(B, 2)``, anything else as given."""
+        if raw is None:
+            raise PredictionInputError(
+                "stitch=True needs scan positions: pass {'diffraction': ..., 'positions': (B, 2) pixel (x, y)} "
+                "or DataFrame columns `x` and `y`"
+            )
+        if isinstance(raw, tuple) and len(raw) == 2 and all(hasattr(c, "to_numpy") for c in raw):
+            return np.stack([_number_column(raw[0], "x"), _number_column(raw[1], "y")], axis=1)
+        if isinstance(raw, (str, bytes, dict)):
+            raise PredictionInputError(
+                f"`positions` is a {type(raw).__name__}; pass (B, 2) or (B, C, 2) pixel (x, y) numbers"
+            )
+        return raw
+
+    def _prepare(self, data: Any, options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+        """Validated amplitudes, factors, stitch positions (or None) and the DataFrame index; no network run."""
+        try:
+            diffraction, scale, raw_positions, index = self._split_input(data)
+            amplitudes, factors = self.model.prepare(
+                diffraction, scale, input_kind=options["input_kind"], normalize=options["normalize"]
+            )
+            positions = None
+            if options["stitch"]:
+                positions = self._positions(raw_positions)
+                canvas_side(amplitudes.shape, positions, crop_size=self._crop(options),
+                            max_canvas_pixels=self.max_canvas_pixels)
+        except PtychoFlavorError:
+            raise
+        except (TypeError, ValueError, OverflowError, MemoryError) as exc:
+            # A last line of defence: whatever an odd input breaks, the caller gets a 400 with the cause.
+            raise PredictionInputError(f"input could not be read: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        return amplitudes, factors, positions, index
+
+    @staticmethod
+    def _crop(options: dict[str, Any]) -> int | None:
+        crop = options["crop_size"]
+        if isinstance(crop, bool) or not isinstance(crop, (int, np.integer)):
+            raise PredictionInputError(f"`crop_size` must be an integer (0 = N/2), got {short_repr(crop)}")
+        return int(crop) or None
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> Any:
         """Reconstruct complex object patches (see the module docstring for inputs, params and outputs)."""
         options = self._parse_params(params)
         try:
-            diffraction, scale, positions, index = self._split_input(data)
-            amplitudes, factors = self.model.prepare(
-                diffraction, scale, input_kind=options["input_kind"], normalize=options["normalize"]
-            )
+            amplitudes, factors, positions, index = self._prepare(data, options)
             result = self.model.predict_prepared(amplitudes, factors, batch_size=options["batch_size"])
+            _refuse_non_finite(result, amplitudes, factors)
             if options["stitch"]:
                 return self._stitched(result, positions, options)
         except PtychoFlavorError as exc:
@@ -213,15 +330,8 @@ class PtychoTorchPyfuncModel:
         return encoded
 
     def _stitched(self, result: np.ndarray, positions: Any, options: dict[str, Any]) -> Any:
-        from mlflow_ptycho_flavor.model.stitching import stitch_patches
-
-        if positions is None:
-            raise PredictionInputError(
-                "stitch=True needs scan positions: pass {'diffraction': ..., 'positions': (B, 2) pixel (x, y)} "
-                "or DataFrame columns `x` and `y`"
-            )
-        crop = int(options["crop_size"]) or None
-        stitched = stitch_patches(result, np.asarray(positions, dtype=np.float64), crop_size=crop)
+        stitched = stitch_patches(result, positions, crop_size=self._crop(options),
+                                  max_canvas_pixels=self.max_canvas_pixels)
         return encode_output(stitched.obj, options["output_format"])
 
     @staticmethod

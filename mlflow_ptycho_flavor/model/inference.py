@@ -18,6 +18,7 @@ Input conventions (docs/bundle-format.md §4):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 
 from mlflow_ptycho_flavor.bundle import read_bundle
 from mlflow_ptycho_flavor.bundle.params import restore_params
-from mlflow_ptycho_flavor.errors import PredictionInputError
+from mlflow_ptycho_flavor.errors import PredictionInputError, short_repr
 from mlflow_ptycho_flavor.network import PtychoPINNNetwork
 
 __all__ = [
@@ -57,22 +58,61 @@ def default_batch_size(device: torch.device) -> int:
     return DEFAULT_CPU_BATCH_SIZE if device.type == "cpu" else DEFAULT_BATCH_SIZE
 
 
+def _not_numeric(name: str, value: Any) -> PredictionInputError:
+    return PredictionInputError(
+        f"`{name}` is a {type(value).__name__}, not an array of numbers; pass a numpy array, a dense torch tensor "
+        "or nested lists of numbers"
+    )
+
+
 def _as_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as a numpy array, or a :class:`PredictionInputError` naming ``name`` and what is wrong with it.
+
+    Refused: ``None`` (and arrays holding ``None``/JSON ``null``), sparse and meta-device torch tensors (no values
+    to read), and objects that are not arrays of numbers (dicts, sets, arbitrary objects). Ragged nested lists are
+    reported as ragged. Dtype checks are the caller's.
+    """
+    if value is None:
+        raise PredictionInputError(f"`{name}` is None (null); pass an array of numbers")
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    try:
-        array = np.asarray(value)
-    except (ValueError, TypeError) as exc:
-        raise PredictionInputError(f"`{name}` could not be read as an array: {exc}") from exc
-    if array.dtype == object:
-        try:
-            array = np.stack([np.asarray(v) for v in value])
-        except (ValueError, TypeError) as exc:
+        if value.layout != torch.strided:
             raise PredictionInputError(
-                f"`{name}` is ragged (rows of different lengths); every pattern must be N x N"
-            ) from exc
+                f"`{name}` is a sparse torch tensor (layout {value.layout}); pass a dense one (tensor.to_dense())"
+            )
+        if value.is_meta:
+            raise PredictionInputError(
+                f"`{name}` is a torch tensor on the meta device, which holds no values; pass a tensor with data"
+            )
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:  # numpy has no bfloat16
+            value = value.float()
+        value = value.numpy()
+    if isinstance(value, (Mapping, set, frozenset)):
+        raise _not_numeric(name, value)
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise PredictionInputError(f"`{name}` could not be read as an array: {str(exc)[:200]}") from exc
+    if array.dtype != object:
+        return array
+    if array.ndim == 0:
+        item = array.item()
+        if item is None:
+            raise PredictionInputError(f"`{name}` holds None (null); pass an array of numbers")
+        raise _not_numeric(name, item)
+    if any(item is None for item in array.flat):
+        raise PredictionInputError(f"`{name}` holds None (null) values; every element must be a number")
+    if array is value:  # an object ndarray given as such: the caller's dtype check names it
+        return array
+    try:
+        array = np.stack([np.asarray(v) for v in value])
+    except (ValueError, TypeError) as exc:
+        raise PredictionInputError(
+            f"`{name}` is ragged (rows of different lengths); every pattern must be N x N"
+        ) from exc
     return array
 
 
@@ -89,7 +129,7 @@ def prepare_diffraction(
         PredictionInputError: wrong rank, N or channel count, non-float dtype, non-finite values, negative counts.
     """
     if input_kind not in INPUT_KINDS:
-        raise PredictionInputError(f"`input_kind`={input_kind!r} is not one of {INPUT_KINDS}")
+        raise PredictionInputError(f"`input_kind`={short_repr(input_kind)} is not one of {INPUT_KINDS}")
     array = _as_array(diffraction, "diffraction")
     if array.dtype.kind in "iu" and input_kind == "intensity":
         array = array.astype(np.float32)  # photon counts are naturally integers
@@ -141,13 +181,44 @@ def prepare_diffraction(
     return array
 
 
+def _holds_bool(value: Any, budget: int = 1_000_000) -> bool:
+    """True when nested lists/tuples hold a Python or numpy boolean (``[True, 1.0]`` would become floats)."""
+    stack = [value]
+    while stack and budget > 0:
+        item = stack.pop()
+        budget -= 1
+        if isinstance(item, (bool, np.bool_)):
+            return True
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
+
+
 def prepare_scale(scale: Any, batch: int) -> np.ndarray:
-    """Validate the per-sample factor and return float32 ``(B, 1, 1, 1)``."""
+    """Validate the per-sample factor and return float32 ``(B, 1, 1, 1)``.
+
+    One rule for every input form (scalar, array, tensor, list, DataFrame column, JSON): each factor is a finite
+    real number > 0 and never a boolean. The factor multiplies the amplitudes, so zero or negative factors (and
+    ``true``/``false``) describe no meaningful input; ``None`` means "not given" (factor 1).
+
+    Raises:
+        PredictionInputError: naming ``scale`` and the rule it breaks.
+    """
     if scale is None:
         return np.ones((batch, 1, 1, 1), dtype=np.float32)
+    if not isinstance(scale, (np.ndarray, torch.Tensor)) and _holds_bool(scale):
+        raise PredictionInputError(
+            "`scale` holds a boolean (a boolean is not an input factor); pass a real number > 0 per sample"
+        )
     array = _as_array(scale, "scale")
-    if array.dtype.kind not in "fiu" or array.dtype.kind == "b":
-        raise PredictionInputError(f"`scale` has dtype {array.dtype}; expected a real number per sample")
+    if array.dtype.kind == "b":
+        raise PredictionInputError(
+            "`scale` has dtype bool (a boolean is not an input factor); pass a real number > 0 per sample"
+        )
+    if array.dtype.kind not in "fiu":
+        raise PredictionInputError(
+            f"`scale` has dtype {array.dtype}; expected a real number per sample (finite, > 0)"
+        )
     if array.size == 1:
         array = np.full((batch, 1, 1, 1), float(array.reshape(())), dtype=np.float32)
     elif array.size == batch and array.shape[0] == batch:
@@ -158,7 +229,13 @@ def prepare_scale(scale: Any, batch: int) -> np.ndarray:
             f"(B,), (B, 1) or (B, 1, 1, 1)"
         )
     if not np.isfinite(array).all():
-        raise PredictionInputError("`scale` holds NaN or infinite values")
+        raise PredictionInputError("`scale` holds NaN or infinite values (or values beyond float32's range)")
+    if array.size and float(array.min()) <= 0:
+        bad = int(np.count_nonzero(array <= 0))
+        raise PredictionInputError(
+            f"`scale` must be > 0 for every sample: {bad} value(s) are <= 0 (smallest {float(array.min()):.6g}); "
+            "the factor multiplies the amplitudes, so zero or negative factors are refused"
+        )
     return array
 
 
@@ -181,7 +258,7 @@ def encode_output(result: np.ndarray, output_format: str) -> Any:
         return {"real": np.ascontiguousarray(result.real), "imag": np.ascontiguousarray(result.imag)}
     if output_format == "amp_phase":
         return {"amplitude": np.abs(result), "phase": np.angle(result).astype(np.float32)}
-    raise PredictionInputError(f"`output_format`={output_format!r} is not one of {OUTPUT_FORMATS}")
+    raise PredictionInputError(f"`output_format`={short_repr(output_format)} is not one of {OUTPUT_FORMATS}")
 
 
 def run_in_batches(
@@ -299,7 +376,7 @@ class PtychoTorchModel:
         """Validate and scale inputs: float32 amplitudes ``(B, C, N, N)`` and factors ``(B, 1, 1, 1)``."""
         amplitudes = prepare_diffraction(diffraction, N=self.N, channels=self.channels, input_kind=input_kind)
         if normalize not in NORMALIZE_MODES:
-            raise PredictionInputError(f"`normalize`={normalize!r} is not one of {NORMALIZE_MODES}")
+            raise PredictionInputError(f"`normalize`={short_repr(normalize)} is not one of {NORMALIZE_MODES}")
         if normalize == "dataset":
             if scale is not None:
                 raise PredictionInputError("give either `scale` or normalize='dataset', not both")
@@ -316,7 +393,7 @@ class PtychoTorchModel:
         if batch_size is None:
             batch_size = default_batch_size(self.device)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise PredictionInputError(f"`batch_size` must be a positive integer, got {batch_size!r}")
+            raise PredictionInputError(f"`batch_size` must be a positive integer, got {short_repr(batch_size)}")
         return run_in_batches(self.network, amplitudes, factors, batch_size=int(batch_size), progress=progress)
 
     def predict(
@@ -347,7 +424,7 @@ class PtychoTorchModel:
             PredictionInputError: for any bad input, naming the argument and the fix.
         """
         if output_format not in OUTPUT_FORMATS:
-            raise PredictionInputError(f"`output_format`={output_format!r} is not one of {OUTPUT_FORMATS}")
+            raise PredictionInputError(f"`output_format`={short_repr(output_format)} is not one of {OUTPUT_FORMATS}")
         amplitudes, factors = self.prepare(diffraction, scale, input_kind=input_kind, normalize=normalize)
         result = self.predict_prepared(amplitudes, factors, batch_size=batch_size, progress=progress)
         return encode_output(result, output_format)

@@ -24,6 +24,11 @@ i.e. its pixel ``(N//2, N//2)`` sits on the position. After stitching that pixel
 Integer offsets ``d`` are placed by a pure copy (no interpolation error); fractional offsets are split into an
 integer copy plus a two-tap linear blend per axis, which is exactly bilinear translation. Patches are processed in
 bounded chunks so memory stays ``O(canvas + chunk)`` for any number of patches.
+
+The canvas is sized by the positions, so its size is bounded before anything is allocated: at most
+``max_canvas_pixels`` pixels (default :data:`DEFAULT_MAX_CANVAS_PIXELS` = 8192 x 8192; the working arrays take
+about 37 bytes per pixel, ~2.5 GB at the limit). Two positions a million pixels apart would otherwise ask for a
+canvas of terabytes. :func:`canvas_side` does the same check for callers that want to refuse before predicting.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ __all__ = [
     "stitch_patches",
     "stitch_patches_from_coords",
     "crop_to_object",
+    "canvas_side",
     "DEFAULT_PROGRESS_THRESHOLD",
+    "DEFAULT_MAX_CANVAS_PIXELS",
 ]
 
 #: Above this many (placed) patches a tqdm progress bar is shown when ``progress`` is left at ``None``.
@@ -57,6 +64,9 @@ _MASK_THRESHOLD = 1e-6
 _SNAP_TOL = 1e-6
 #: Upper bound on elements of the per-chunk working arrays (keeps memory bounded for large crops).
 _CHUNK_ELEMENT_BUDGET = 4_000_000
+#: Largest canvas (pixels, S * S) :func:`stitch_patches` builds unless told otherwise: 8192 x 8192. The working
+#: arrays (complex128 sum, float64 coverage, complex64/float32/bool results) take ~37 bytes per pixel.
+DEFAULT_MAX_CANVAS_PIXELS = 8192 * 8192
 
 Weighting = Union[Literal["uniform", "central"], np.ndarray]
 Centre = Union[Literal["mean", "integer"], Sequence[float]]
@@ -234,6 +244,78 @@ def _resolve_centre(centre: Any, flat_pos: np.ndarray) -> tuple[float, float]:
     return float(c[0]), float(c[1])
 
 
+def _flat_positions(pos: np.ndarray, patches_ndim: int) -> np.ndarray:
+    """One ``(x, y)`` per placed patch: per-channel positions are flattened, group positions kept."""
+    return pos.reshape(-1, 2) if patches_ndim == 4 and pos.ndim == 3 else pos
+
+
+def _canvas_geometry(flat_pos: np.ndarray, crop: int, centre: Any) -> tuple[float, float, np.ndarray, int, int]:
+    """``(xc, yc, offsets, pad, S)`` of spec §6.2 steps 2-3 (no allocation beyond the offsets)."""
+    xc, yc = _resolve_centre(centre, flat_pos)
+    d = flat_pos - np.array([xc, yc])
+    max_abs = float(np.max(np.abs(d))) if d.size else 0.0
+    pad = int(math.ceil(max_abs - _SNAP_TOL)) if max_abs > _SNAP_TOL else 0
+    pad += pad % 2
+    return xc, yc, d, pad, crop + 2 * pad
+
+
+def _check_limit(max_canvas_pixels: Any) -> int | None:
+    if max_canvas_pixels is None:
+        return None
+    if isinstance(max_canvas_pixels, bool) or not isinstance(max_canvas_pixels, (int, np.integer)) \
+            or max_canvas_pixels < 1:
+        raise PredictionInputError(
+            f"max_canvas_pixels: {max_canvas_pixels!r} is not a positive integer; pass e.g. 4096 * 4096, or None "
+            "for no limit."
+        )
+    return int(max_canvas_pixels)
+
+
+def _refuse_large_canvas(size: int, limit: int | None, flat_pos: np.ndarray) -> None:
+    if limit is None or size * size <= limit:
+        return
+    span_x = float(np.ptp(flat_pos[:, 0]))
+    span_y = float(np.ptp(flat_pos[:, 1]))
+    raise PredictionInputError(
+        f"positions: the stitched canvas would be {size}x{size} = {size * size:,} pixels, above the limit "
+        f"max_canvas_pixels={limit:,} (the positions span {span_x:.6g} x {span_y:.6g} px). Positions are pixel "
+        "coordinates of one scan: check their units, stitch a smaller region, or raise max_canvas_pixels."
+    )
+
+
+def canvas_side(
+    patches_shape: Sequence[int],
+    positions: Any,
+    *,
+    crop_size: int | None = None,
+    centre: Centre = "mean",
+    max_canvas_pixels: int | None = DEFAULT_MAX_CANVAS_PIXELS,
+) -> int:
+    """The side ``S`` of the canvas :func:`stitch_patches` would build, checked against ``max_canvas_pixels``.
+
+    Cheap (no canvas is allocated), so a server can refuse a request before it runs the network.
+
+    Args:
+        patches_shape: ``(M, N, N)`` or ``(M, C, N, N)``, the shape of the patches to stitch.
+        positions, crop_size, centre: as for :func:`stitch_patches`.
+        max_canvas_pixels: the largest ``S * S`` accepted, or None for no limit.
+
+    Raises:
+        PredictionInputError: the positions do not fit the patches, or the canvas exceeds the limit (the message
+            names ``max_canvas_pixels``, the size asked for and the positions' span).
+    """
+    shape = tuple(int(v) for v in patches_shape)
+    if len(shape) not in (3, 4) or shape[-1] != shape[-2] or min(shape) < 1:
+        raise PredictionInputError(f"patches: shape {shape} is not (M, N, N) or (M, C, N, N) with M, N >= 1.")
+    limit = _check_limit(max_canvas_pixels)
+    pos = _as_positions(positions, shape)
+    crop = _check_crop(crop_size, shape[-1])
+    flat_pos = _flat_positions(pos, len(shape))
+    *_, size = _canvas_geometry(flat_pos, crop, centre)
+    _refuse_large_canvas(size, limit, flat_pos)
+    return size
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # core
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,6 +366,7 @@ def stitch_patches(
     centre: Centre = "mean",
     chunk_size: int = 256,
     progress: bool | None = None,
+    max_canvas_pixels: int | None = DEFAULT_MAX_CANVAS_PIXELS,
 ) -> StitchResult:
     """Reassemble complex object patches into the full object by position (docs/bundle-format.md §6.2).
 
@@ -312,6 +395,8 @@ def stitch_patches(
             memory and speed, never the result.
         progress: show a tqdm progress bar; ``None`` (default) shows one when more than
             ``DEFAULT_PROGRESS_THRESHOLD`` patches are placed.
+        max_canvas_pixels: the largest canvas (``S * S`` pixels) built, checked before anything is allocated;
+            default :data:`DEFAULT_MAX_CANVAS_PIXELS` (8192 x 8192, ~2.5 GB of working memory); None for no limit.
 
     Returns:
         A :class:`StitchResult` with the complex64 canvas, float32 coverage, bool mask and the ``origin`` that maps
@@ -319,8 +404,10 @@ def stitch_patches(
 
     Raises:
         PredictionInputError: bad dtype/rank/shape, empty input, non-finite patches or positions, ``crop_size``
-            outside ``[1, N]``, unknown ``weighting``/``centre``, or ``chunk_size < 1``.
+            outside ``[1, N]``, unknown ``weighting``/``centre``, ``chunk_size < 1``, or a canvas above
+            ``max_canvas_pixels``.
     """
+    limit = _check_limit(max_canvas_pixels)
     arr = _as_patches(patches)
     pos = _as_positions(positions, arr.shape)
     n = arr.shape[-1]
@@ -329,23 +416,17 @@ def stitch_patches(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise PredictionInputError(f"chunk_size: {chunk_size!r} is not a positive integer; pass e.g. 256.")
 
-    # Flatten to one patch per position.
+    # One patch per position; the canvas is checked before anything else is allocated.
+    flat_pos = _flat_positions(pos, arr.ndim)
+    xc, yc, d, pad, size = _canvas_geometry(flat_pos, crop, centre)
+    _refuse_large_canvas(size, limit, flat_pos)
     if arr.ndim == 4:
         if pos.ndim == 3:
             flat = arr.reshape(-1, n, n)
-            flat_pos = pos.reshape(-1, 2)
         else:
             flat = arr.mean(axis=1) if arr.shape[1] > 1 else arr[:, 0]
-            flat_pos = pos
     else:
-        flat, flat_pos = arr, pos
-
-    xc, yc = _resolve_centre(centre, flat_pos)
-    d = flat_pos - np.array([xc, yc])
-    max_abs = float(np.max(np.abs(d))) if d.size else 0.0
-    pad = int(math.ceil(max_abs - _SNAP_TOL)) if max_abs > _SNAP_TOL else 0
-    pad += pad % 2
-    size = crop + 2 * pad
+        flat = arr
 
     start = n // 2 - crop // 2
     w_crop = weight_full[start:start + crop, start:start + crop]

@@ -321,8 +321,11 @@ def _read_members(npz: np.lib.npyio.NpzFile, where: str) -> dict[str, Any]:
     keys = set(npz.files)
 
     def read(key: str) -> np.ndarray:
+        _check_declared_size(npz, key, where)
         try:
             return npz[key]
+        except MemoryError as exc:
+            raise DatasetError(f"`{key}` in {where!r} does not fit in memory; use a smaller dataset.") from exc
         except ValueError as exc:
             if "allow_pickle" in str(exc):
                 raise DatasetError(
@@ -361,6 +364,63 @@ def _read_members(npz: np.lib.npyio.NpzFile, where: str) -> dict[str, Any]:
         if key in keys:
             arrays[field] = read(key)
     return arrays
+
+
+#: deflate expands at most ~1032x; a member declaring more than this many bytes per compressed byte is a lie.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _size_text(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes:,} bytes"
+
+
+def _check_declared_size(npz: np.lib.npyio.NpzFile, key: str, where: str) -> None:
+    """Refuse a member whose ``.npy`` header claims more data than the member can hold, before numpy allocates it.
+
+    numpy allocates the array the header describes and then reads into it, so a 40 KB file whose header claims
+    ``(9830400, 64, 64)`` float32 would first ask for 150 GiB. The claim is checked against the member's
+    uncompressed size, and that size against what its compressed bytes can expand to, so the memory a read may
+    take is bounded by the file's real size.
+    """
+    archive = npz.zip
+    names = set(archive.namelist())
+    member = f"{key}.npy" if f"{key}.npy" in names else key
+    try:
+        info = archive.getinfo(member)
+        if info.compress_type == zipfile.ZIP_STORED:
+            real_limit = info.compress_size
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            real_limit = info.compress_size * _DEFLATE_MAX_RATIO + 1024
+        else:
+            raise DatasetError(
+                f"`{key}` in {where!r} uses zip compression method {info.compress_type}; numpy writes stored or "
+                "deflated members (np.savez / np.savez_compressed)."
+            )
+        if info.file_size > real_limit:
+            raise DatasetError(
+                f"`{key}` in {where!r} declares {_size_text(info.file_size)} uncompressed but its "
+                f"{_size_text(info.compress_size)} of data cannot hold that; the file is corrupt or crafted."
+            )
+        with archive.open(member) as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            header_bytes = handle.tell()
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DatasetError(f"`{key}` in {where!r} has no readable .npy header ({type(exc).__name__}: {exc}).") from exc
+    claimed = math.prod(int(n) for n in shape) * dtype.itemsize
+    held = info.file_size - header_bytes
+    if dtype.hasobject:
+        return  # object arrays are refused by numpy's allow_pickle=False without being allocated
+    if claimed > held:
+        raise DatasetError(
+            f"`{key}` in {where!r}: its header claims shape {tuple(shape)} {dtype} = {_size_text(claimed)}, but the "
+            f"member holds {_size_text(max(held, 0))}; the file is corrupt or crafted (refused before allocating)."
+        )
 
 
 def save_npz(dataset: PtychoDataset, path: str | os.PathLike[str]) -> None:

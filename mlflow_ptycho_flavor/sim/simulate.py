@@ -16,7 +16,13 @@ from mlflow_ptycho_flavor.errors import InvalidArgumentError
 from mlflow_ptycho_flavor.sim.dataset import PtychoDataset
 from mlflow_ptycho_flavor.sim.physics import predict_amplitudes
 
-__all__ = ["simulate_dataset"]
+__all__ = ["simulate_dataset", "MAX_SIMULATION_N", "MAX_SIMULATION_ELEMENTS"]
+
+#: Largest pattern side :func:`simulate_dataset` accepts.
+MAX_SIMULATION_N = 1024
+#: Largest number of elements of any simulated array (patterns x N x N, or the object): checked before anything is
+#: allocated, so an absurd request fails at once instead of asking for terabytes.
+MAX_SIMULATION_ELEMENTS = 2**27
 
 
 def _gaussian_filtered_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
@@ -156,7 +162,7 @@ def simulate_dataset(
        ``poisson``; ``diff3d = float32(sqrt(counts))``.
 
     Args:
-        N: Pattern, probe and patch size in pixels (>= 8).
+        N: Pattern, probe and patch size in pixels (>= 8, at most :data:`MAX_SIMULATION_N`).
         object_size: Object canvas as ``S`` (square) or ``(H, W)``. Default: the smallest canvas that holds
             every crop with a 2 px margin. A given size must be at least that large.
         n_scan: Number of positions (raster ``ceil(sqrt(n))`` columns wide, filled row by row), or the raster
@@ -174,10 +180,16 @@ def simulate_dataset(
         ``scan_index`` all zeros. Positions are in raster order (row by row).
 
     Raises:
-        ValueError: An argument is out of range or ``object_size`` is too small for the scan.
+        InvalidArgumentError: An argument is out of range, ``object_size`` is too small for the scan, or an array
+            would hold more than :data:`MAX_SIMULATION_ELEMENTS` elements (checked before anything is allocated).
     """
     if int(N) != N or N < 8:
         raise InvalidArgumentError(f"`N` must be an integer >= 8, got {N!r}.")
+    if N > MAX_SIMULATION_N:
+        raise InvalidArgumentError(
+            f"`N`={int(N)} is above the simulator's limit of {MAX_SIMULATION_N} pixels per pattern (it is for small "
+            "demo and test scans; PtychoPINN models use N = 64, 128 or 256)."
+        )
     n = int(N)
     (rows, cols), count = _grid_shape(n_scan)
     step_f = float(n // 4) if step is None else float(step)
@@ -207,6 +219,12 @@ def simulate_dataset(
                 f"`object_size` {(h, w)} is too small for a {rows}x{cols} scan with step {step_f} and jitter "
                 f"{jitter_f} at N={n}; use at least {(need_h, need_w)} or leave it None."
             )
+    if count * n * n > MAX_SIMULATION_ELEMENTS or h * w > MAX_SIMULATION_ELEMENTS:
+        raise InvalidArgumentError(
+            f"the simulation would hold {count} patterns of {n}x{n} on a {h}x{w} object, above the simulator's "
+            f"limit of {MAX_SIMULATION_ELEMENTS:,} elements per array (~{MAX_SIMULATION_ELEMENTS * 16 / 2**30:.0f} "
+            "GiB of complex128 work arrays); use a smaller N or fewer positions (n_scan)."
+        )
 
     # Positions: raster centred on the canvas centre, then jitter; keep the first `count` in raster order.
     gy, gx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
