@@ -205,6 +205,14 @@ def test_saved_model_directory_and_files_follow_the_umask(umask, tmp_path, pertu
         assert _mode(path) == want, f"{path.relative_to(tmp_path)}: {oct(_mode(path))} != {oct(want)}"
 
 
+def test_standalone_bundle_and_simulated_npz_follow_the_umask(umask, tmp_path, perturbed_network, capsys):
+    bundle = save_torch_bundle(perturbed_network(seed=2, N=64, n_filters_scale=1), tmp_path / "out" / "wts.h5")
+    code, _, err = _run(["simulate", tmp_path / "out" / "scan.npz", "--N", "64"], capsys)
+    assert code == 0, err
+    for path in (bundle, tmp_path / "out" / "scan.npz"):
+        assert _mode(path) == 0o666 & ~umask, f"{path.name}: {oct(_mode(path))}"
+
+
 def test_logged_model_artifacts_follow_the_umask(umask, perturbed_network, mlflow_store):
     info = mlflow.ptycho_torch.log_model(perturbed_network(seed=2, N=64, n_filters_scale=1), name="model")
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(mlflow_store.root / "dl")))

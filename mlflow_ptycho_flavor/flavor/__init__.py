@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
