@@ -250,30 +250,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from mlflow_ptycho_flavor.bundle import read_bundle
-    from mlflow_ptycho_flavor.errors import BundleError
-
     bundle = Path(args.bundle)
     if not bundle.exists():
         raise CliError(f"no bundle at {bundle}")
     if args.alias and not args.registered_model_name:
         raise CliError("--alias needs --registered-model-name (an alias points at a registered model version)")
-    # Refusals happen here, before a run exists: a refused log leaves nothing in the tracking store.
-    try:
-        read_bundle(bundle)
-    except BundleError as exc:
-        raise CliError(f"{bundle} is not a loadable bundle: {exc}") from exc
     import mlflow
 
     from mlflow_ptycho_flavor.flavor import env as _mlflow_env
-    from mlflow_ptycho_flavor.flavor import log_model
+    from mlflow_ptycho_flavor.flavor import log_model, validate_model_path
 
+    # Refusals happen here, before a run exists: a refused log leaves nothing in the tracking store.
+    validate_model_path(bundle)
     _mlflow_env.validate_registry_names(args.registered_model_name, args.alias)
     uri = _set_tracking(args.tracking_uri)
     if args.experiment:
         _experiment(args.experiment, None)
-    with mlflow.start_run(run_name=args.run_name) as run:
+    run = mlflow.start_run(run_name=args.run_name)
+    try:
         info = log_model(str(bundle), name=args.name, registered_model_name=args.registered_model_name)
+    except BaseException:
+        # What only the conversion itself can find (a damaged checkpoint) fails here: the empty run is removed
+        # rather than left behind as FAILED.
+        mlflow.end_run(status="FAILED")
+        mlflow.MlflowClient().delete_run(run.info.run_id)
+        raise
+    mlflow.end_run()
     if args.registered_model_name and args.alias:
         version = info.registered_model_version
         mlflow.MlflowClient().set_registered_model_alias(args.registered_model_name, args.alias, version)

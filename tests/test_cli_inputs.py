@@ -170,6 +170,22 @@ def test_refused_log_leaves_no_run_behind(argv, needle, small_bundle, tmp_path, 
     assert _all_runs() == [], "a refused `log` left a run in the tracking store"
 
 
+def test_log_whose_conversion_fails_leaves_no_visible_run(tmp_path, capsys):
+    """A file recognised as a Lightning checkpoint passes the pre-check; its conversion fails inside the run, and
+    the empty run is deleted instead of staying behind as FAILED."""
+    import torch
+
+    checkpoint = tmp_path / "damaged.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "pytorch-lightning_version": "2.1.0", "hyper_parameters": {}},
+               checkpoint)
+    code, out, err = _run(["log", checkpoint], capsys)
+    _assert_one_error_line(code, out, err, "hyper_parameters")
+    client = mlflow.MlflowClient()
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    assert client.search_runs([e.experiment_id for e in experiments]) == []  # active runs: none
+    assert all(r.info.lifecycle_stage == "deleted" for r in _all_runs())
+
+
 def test_log_still_logs_a_good_bundle(small_bundle, capsys):
     code, out, err = _run(["log", small_bundle], capsys)
     assert code == 0, err

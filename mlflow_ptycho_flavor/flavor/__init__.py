@@ -167,6 +167,17 @@ def _identify_model_path(model: Any, *, config: Any, autoencoder: Any, intensity
     return info
 
 
+def validate_model_path(model: str | os.PathLike) -> None:
+    """Refuse, before anything is logged, a ``model`` path :func:`log_model` would refuse: a bundle that does not
+    load, or a file that is neither a bundle nor convertible (what ``ptycho-flavor log`` checks before it starts a
+    run, so a refused log leaves no run behind).
+
+    Raises:
+        MlflowException: ``INVALID_PARAMETER_VALUE``, naming the path and what it is.
+    """
+    _identify_model_path(model, config=None, autoencoder=None, intensity_scale=None)
+
+
 def _convert_into(model: Any, bundle_path: Path, staging: Path, intensity_scale: float | None) -> dict[str, Any]:
     """Convert a checkpoint or TF archive to ``bundle_path``; a TF archive is also kept under ``source/``.
 
