@@ -3,9 +3,9 @@
 Two layers:
 
 * standalone (no MLflow needed): :func:`save_torch_bundle` / :func:`load_torch_bundle` read and write upstream's
-  ``wts.h5.zip`` layout, with the clean-room network :class:`PtychoPINNNetwork`; :func:`convert_any` turns
-  Lightning checkpoints and TensorFlow archives into such bundles, and :func:`identify_artifact` says what any
-  file or folder is;
+  ``wts.h5.zip`` layout, with the clean-room networks :class:`PtychoPINNNetwork` (CNN) and
+  :class:`PtychoFnoNetwork` (``fno_vanilla``, ``fno``, ``ffno``); :func:`convert_any` turns Lightning checkpoints
+  and TensorFlow archives into such bundles, and :func:`identify_artifact` says what any file or folder is;
 * the MLflow flavor: :func:`save_model`, :func:`log_model`, :func:`load_model` and the pyfunc loader. MLflow is
   imported only when one of these is first used, and ``mlflow.ptycho_torch`` appears as soon as both this
   package and MLflow are imported, in either order.
@@ -45,7 +45,7 @@ from mlflow_ptycho_flavor.errors import (
     UnsupportedBundleError,
 )
 from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
-from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
+from mlflow_ptycho_flavor.network import FnoNetworkConfig, NetworkConfig, PtychoFnoNetwork, PtychoPINNNetwork
 from mlflow_ptycho_flavor.bundle.params import restore_params
 
 __version__ = "0.1.0"
@@ -68,6 +68,8 @@ __all__ = [
     "BundleLimits",
     "NetworkConfig",
     "PtychoPINNNetwork",
+    "FnoNetworkConfig",
+    "PtychoFnoNetwork",
     "PtychoTorchModel",
     "PtychoFlavorError",
     "BundleError",

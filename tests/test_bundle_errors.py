@@ -520,19 +520,40 @@ def test_unknown_metadata_key(bundle, metadata, tmp_path, refuses, rewrite_bundl
     refuses(path, UnsupportedBundleError, rf"{section} has unknown key\(s\) \['{key}'\]")
 
 
-@pytest.mark.parametrize("architecture", ["fno", "ffno", "fno_vanilla", "neuralop_uno"])
-def test_non_cnn_architecture(bundle, metadata, tmp_path, refuses, rewrite_bundle, architecture):
+@pytest.mark.parametrize("architecture", ["neuralop_uno", "transformer"])
+def test_unbuilt_architecture(bundle, metadata, tmp_path, refuses, rewrite_bundle, architecture):
     meta = {**metadata, "model_config": {**metadata["model_config"], "architecture": architecture}}
     path = _with_metadata(rewrite_bundle, bundle, tmp_path / "wts.h5.zip", meta)
     refuses(path, UnsupportedBundleError, rf"model_config\['architecture'\]='{architecture}'")
 
 
-def test_non_cnn_architecture_in_metadata_free_params(bundle, members, tmp_path, refuses, rewrite_bundle):
+def test_neuralop_uno_names_its_package(bundle, metadata, tmp_path, refuses, rewrite_bundle):
+    meta = {**metadata, "model_config": {**metadata["model_config"], "architecture": "neuralop_uno"}}
+    path = _with_metadata(rewrite_bundle, bundle, tmp_path / "wts.h5.zip", meta)
+    refuses(path, UnsupportedBundleError, r"external package 'neuraloperator'")
+
+
+@pytest.mark.parametrize("architecture", ["fno", "ffno", "fno_vanilla"])
+def test_fno_metadata_over_cnn_weights(bundle, metadata, members, tmp_path, refuses, rewrite_bundle, architecture):
+    """The FNO family is built now: metadata naming it over a CNN bundle is refused, first because the params
+    snapshot still says 'cnn', then (snapshot edited too) because the weights are a CNN's."""
+    meta = {**metadata, "model_config": {**metadata["model_config"], "architecture": architecture}}
+    path = _with_metadata(rewrite_bundle, bundle, tmp_path / "wts.h5.zip", meta)
+    refuses(path, ConfigMismatchError, rf"params.dill\['architecture'\]='cnn' disagrees .*'{architecture}'")
     params = pickle.loads(members["diffraction_to_obj/params.dill"])
-    raw = pickle.dumps({**params, "architecture": "fno"}, protocol=4)
+    raw = pickle.dumps({**params, "architecture": architecture}, protocol=4)
+    path = rewrite_bundle(bundle, tmp_path / "both.zip", hashes="drop", replace={
+        "torch_scaling_metadata.pt": _torch_bytes(meta),
+        "diffraction_to_obj/params.dill": raw, "autoencoder/params.dill": raw})
+    refuses(path, StateDictMismatchError, rf"CNN encoder weights .*architecture='{architecture}'")
+
+
+def test_unbuilt_architecture_in_metadata_free_params(bundle, members, tmp_path, refuses, rewrite_bundle):
+    params = pickle.loads(members["diffraction_to_obj/params.dill"])
+    raw = pickle.dumps({**params, "architecture": "neuralop_uno"}, protocol=4)
     path = rewrite_bundle(bundle, tmp_path / "wts.h5.zip", remove=["torch_scaling_metadata.pt"], hashes="drop",
                           replace={"diffraction_to_obj/params.dill": raw, "autoencoder/params.dill": raw})
-    refuses(path, UnsupportedBundleError, r"params\['architecture'\]='fno'")
+    refuses(path, UnsupportedBundleError, r"params\['architecture'\]='neuralop_uno'.*neuraloperator")
 
 
 @pytest.mark.parametrize(

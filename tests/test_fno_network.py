@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from mlflow_ptycho_flavor.errors import ConfigMismatchError, StateDictMismatchError, UnsupportedBundleError
-from mlflow_ptycho_flavor.fno import (
+from mlflow_ptycho_flavor.network.fno import (
     FNO_ARCHITECTURES,
     FNO_CONFIG_LIMITS,
     FNO_INPUT_TRANSFORMS,
@@ -41,7 +41,7 @@ from mlflow_ptycho_flavor.fno import (
     fno_config_from_metadata,
     fno_model_config_fields,
 )
-from mlflow_ptycho_flavor.metadata import DATA_CONFIG_DEFAULTS, MODEL_CONFIG_DEFAULTS
+from mlflow_ptycho_flavor.bundle.metadata import DATA_CONFIG_DEFAULTS, MODEL_CONFIG_DEFAULTS
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "upstream_fno"
 FIXTURES = ["n64_g1_ffno_default", "n64_g1_fno_ampphase"]

@@ -1,9 +1,10 @@
 """Compatibility checks between a bundle's weights and the network its configuration describes.
 
-Upstream's architecture eras (docs/bundle-format.md §3.6) are recognised and refused by name; the weights are
-checked against the configured network built on the ``meta`` device (keys, shapes, dtypes, and the bytes the
-member really holds) before anything real is allocated (§5); strict-load failures are reported as one
-:class:`~mlflow_ptycho_flavor.errors.StateDictMismatchError` listing the first differences.
+Upstream's architecture eras (docs/bundle-format.md §3.6) and variants (§8.6.6) are recognised and refused by
+name; the weights are checked against the configured network built on the ``meta`` device (keys, shapes, dtypes,
+alias agreement, and the bytes the member really holds) before anything real is allocated (§5), and must be finite;
+strict-load failures are reported as one :class:`~mlflow_ptycho_flavor.errors.StateDictMismatchError` listing the
+first differences.
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from mlflow_ptycho_flavor.errors import (
     ConfigMismatchError,
     CorruptBundleError,
     StateDictMismatchError,
+    UnsupportedBundleError,
     short_repr,
 )
-from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
+from mlflow_ptycho_flavor.network import AnyNetworkConfig, FnoNetworkConfig, build_network
+from mlflow_ptycho_flavor.network.fno import check_aliases_agree
 
 __all__ = [
     "config_errors",
     "check_fits",
     "check_input_scale",
     "check_state_dict_values",
+    "check_finite_weights",
     "detect_era",
     "expected_layout",
     "stored_bytes",
@@ -83,8 +87,22 @@ def check_state_dict_values(state_dict: Any, member: str) -> None:
             )
 
 
-def detect_era(state_dict: Mapping[str, torch.Tensor], cfg: NetworkConfig) -> None:
-    """Refuse state_dicts of upstream eras E0-E2 (docs/bundle-format.md §3.6), whose forward cannot be reproduced."""
+def detect_era(state_dict: Mapping[str, torch.Tensor], cfg: AnyNetworkConfig) -> None:
+    """Refuse weights this loader recognises but cannot run faithfully, naming what they are.
+
+    CNN: the state_dicts of upstream eras E0-E2 (docs/bundle-format.md §3.6). FNO family: the spectral layer of
+    the ``neuraloperator`` package (§8.6.6). Either: a state_dict of the other family than the configuration.
+    """
+    if isinstance(cfg, FnoNetworkConfig):
+        _detect_fno_variant(state_dict, cfg)
+        return
+    generator = next((k for k in state_dict if k.startswith("model.generator.")), None)
+    if generator is not None:
+        raise StateDictMismatchError(
+            f"diffraction_to_obj/model.pth holds neural-operator generator weights ({short_repr(generator)}) but "
+            "the bundle's configuration describes the CNN (architecture='cnn'); the params/metadata and the "
+            "weights come from different models. Re-save the bundle with its real architecture"
+        )
     keys = set(state_dict)
     merge = sorted(k for k in keys if ".merge_blocks." in k)
     if merge:
@@ -116,6 +134,24 @@ def detect_era(state_dict: Mapping[str, torch.Tensor], cfg: NetworkConfig) -> No
                 f"of {width - legacy_in} channels, unmasked border), whose forward differs from the current (E3) "
                 f"network expecting (out, in) channels {current}; re-export the model with current PtychoPINN"
             )
+
+
+def _detect_fno_variant(state_dict: Mapping[str, Any], cfg: FnoNetworkConfig) -> None:
+    foreign = next(
+        (k for k in state_dict if ".spectral." in k and not k.endswith(".spectral.weights")), None
+    )
+    if foreign is not None:
+        raise UnsupportedBundleError(
+            f"{short_repr(foreign)}: this {cfg.architecture} was trained where the external 'neuraloperator' "
+            "package's spectral layer was importable, whose keys and numerics differ from the built-in layer "
+            "(docs/bundle-format.md §8.6.6); only the built-in spectral layer (keys '*.spectral.weights') is "
+            "supported. Retrain or re-export without neuraloperator installed"
+        )
+    if any(k.startswith("model.autoencoder.encoder.") for k in state_dict):
+        raise StateDictMismatchError(
+            f"diffraction_to_obj/model.pth holds CNN encoder weights but the bundle's configuration describes "
+            f"architecture={cfg.architecture!r}; the params/metadata and the weights come from different models"
+        )
 
 
 def state_dict_problems(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, Any]) -> list[str]:
@@ -151,33 +187,68 @@ def raise_mismatch(problems: list[str]) -> None:
 
 
 @functools.lru_cache(maxsize=32)
-def expected_layout(config: NetworkConfig) -> "OrderedDict[str, torch.Tensor]":
+def expected_layout(config: AnyNetworkConfig) -> "OrderedDict[str, torch.Tensor]":
     """The state_dict layout (meta tensors: keys, shapes, dtypes) of a configuration, built once per process."""
     with torch.device("meta"):
-        return PtychoPINNNetwork(config).state_dict()
+        return build_network(config).state_dict()
 
 
-def check_fits(config: NetworkConfig, state_dict: Mapping[str, Any], stored_bytes: int) -> None:
+@functools.lru_cache(maxsize=32)
+def expected_weight_bytes(config: AnyNetworkConfig) -> int:
+    """Bytes of the configuration's distinct weight tensors: an alias key (FNO family, §8.6.5) counts once."""
+    with torch.device("meta"):
+        tensors = build_network(config).state_dict(keep_vars=True)
+    return sum(tensor_bytes(t) for t in {id(t): t for t in tensors.values()}.values())
+
+
+def check_fits(config: AnyNetworkConfig, state_dict: Mapping[str, Any], stored_bytes: int) -> None:
     """Check the weights against the configured network built on the ``meta`` device (allocates nothing).
 
     A hostile configuration (``n_filters_scale=10**6``, ``gridsize=300``) would otherwise allocate without bound
     before the strict load could object, and stride-0 "expanded" tensors could match any shape from a few bytes:
-    the network's parameter bytes must also fit in the bytes the member actually holds.
+    the network's distinct weight bytes must also fit in the bytes the member actually holds. For the FNO family
+    the alias keys of one tensor must hold equal values (§8.6.5).
     """
     with config_errors("the bundle's network configuration"):
-        expected = expected_layout(dataclasses.replace(config, intensity_scale_trainable=False))
+        layout_config = dataclasses.replace(config, intensity_scale_trainable=False)
+        expected = expected_layout(layout_config)
+        needed = expected_weight_bytes(layout_config)
     problems = state_dict_problems(expected, state_dict)
     if problems:
         raise_mismatch(problems)
-    needed = sum(tensor_bytes(t) for t in expected.values())
     if needed > stored_bytes:
         raise StateDictMismatchError(
             f"the configured network needs {needed} bytes of weights but diffraction_to_obj/model.pth holds only "
             f"{stored_bytes}: its tensors are expanded views, not stored weights; refused"
         )
+    if isinstance(config, FnoNetworkConfig):
+        check_aliases_agree(config, state_dict)
 
 
-def strict_load(network: PtychoPINNNetwork, state_dict: Mapping[str, Any]) -> None:
+def check_finite_weights(state_dict: Mapping[str, Any], member: str) -> None:
+    """Refuse NaN or infinite weights, real or complex (each storage view is scanned once).
+
+    Such a network predicts NaN/inf for every input; refusing at load names the key instead of failing later in
+    serving. Run after :func:`check_fits`, so only tensors of the expected dtypes reach the scan.
+    """
+    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
+    for key, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if view in seen:
+            continue
+        seen.add(view)
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CorruptBundleError(
+                f"{member}: {short_repr(key)} holds {bad} NaN or infinite value(s) (dtype {tensor.dtype}); a "
+                "network with such weights predicts NaN for every input. Re-export the model from a healthy "
+                "checkpoint"
+            )
+
+
+def strict_load(network: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:
     problems = state_dict_problems(network.state_dict(), state_dict)
     if problems:
         raise_mismatch(problems)
@@ -185,7 +256,7 @@ def strict_load(network: PtychoPINNNetwork, state_dict: Mapping[str, Any]) -> No
         network.load_state_dict(state_dict, strict=True)
 
 
-def check_input_scale(config: NetworkConfig, source: str) -> None:
+def check_input_scale(config: AnyNetworkConfig, source: str) -> None:
     if config.intensity_scale_trainable:
         scale = config.intensity_scale
         if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):

@@ -42,6 +42,7 @@ from mlflow_ptycho_flavor.bundle.archive import (
     write_zip,
 )
 from mlflow_ptycho_flavor.bundle.compat import (
+    check_finite_weights,
     check_fits,
     check_input_scale,
     check_state_dict_values,
@@ -73,7 +74,14 @@ from mlflow_ptycho_flavor.errors import (
     UnsupportedBundleError,
     short_repr,
 )
-from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork, resolve_device
+from mlflow_ptycho_flavor.network import (
+    AnyNetworkConfig,
+    FnoNetworkConfig,
+    build_network,
+    network_classes,
+    network_from_state_dict,
+    resolve_device,
+)
 
 __all__ = [
     "BUNDLE_FILE_NAME",
@@ -115,7 +123,7 @@ class BundleContents:
     manifest: dict[str, Any]
     params: dict[str, Any]
     metadata: dict[str, Any] | None
-    network_config: NetworkConfig
+    network_config: AnyNetworkConfig
     state_dict: "OrderedDict[str, torch.Tensor]"
     hashes_verified: list[str] = field(default_factory=list)
     member_sizes: dict[str, int] = field(default_factory=dict)
@@ -135,8 +143,11 @@ class BundleContents:
 
     def build_network(
         self, device: str | torch.device | None = None, *, adopt_weights: bool = False
-    ) -> PtychoPINNNetwork:
+    ) -> torch.nn.Module:
         """Build the network from :attr:`network_config`, strict-load the weights, eval mode, on ``device``.
+
+        The network is a :class:`~mlflow_ptycho_flavor.network.PtychoPINNNetwork` (CNN) or a
+        :class:`~mlflow_ptycho_flavor.network.PtychoFnoNetwork` (FNO family), as the configuration's type says.
 
         Args:
             device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
@@ -153,10 +164,10 @@ class BundleContents:
         check_fits(self.network_config, self.state_dict, stored_bytes(self.state_dict))
         if adopt_weights:
             with config_errors("diffraction_to_obj/model.pth"):
-                network = PtychoPINNNetwork.from_state_dict(self.network_config, self.state_dict)
+                network = network_from_state_dict(self.network_config, self.state_dict)
             return network.to(target).eval()
         with config_errors("the bundle's network configuration"):
-            network = PtychoPINNNetwork(self.network_config)
+            network = build_network(self.network_config)
         strict_load(network, self.state_dict)
         return network.to(target).eval()
 
@@ -301,6 +312,7 @@ def read_bundle(
         check_state_dict_values(state_dict, weights_member)
         detect_era(state_dict, network_config)
         check_fits(network_config, state_dict, len(raw))
+        check_finite_weights(state_dict, weights_member)
         hashes = manifest.get("sha256") or {}
         for name in reader.names:
             if name not in verified and name != MANIFEST_MEMBER and hashes.get(name):
@@ -328,7 +340,7 @@ def load_torch_bundle(
     allow_unsafe: bool | None = None,
     legacy_scaling: bool = False,
     limits: BundleLimits = DEFAULT_LIMITS,
-) -> tuple[PtychoPINNNetwork, dict[str, Any]]:
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the ``diffraction_to_obj`` network of a ``wts.h5.zip``, standalone (no MLflow, no server).
 
     Follows CONFIG-001: the params snapshot is restored into :data:`mlflow_ptycho_flavor.params.cfg` (and
@@ -344,7 +356,8 @@ def load_torch_bundle(
         limits: size caps against zip bombs.
 
     Returns:
-        ``(network, params)``: the network in eval mode on ``device``, and the params snapshot.
+        ``(network, params)``: the network in eval mode on ``device`` (a ``PtychoPINNNetwork`` for the CNN, a
+        ``PtychoFnoNetwork`` for the FNO family), and the params snapshot.
 
     Example:
         >>> model, params = load_torch_bundle("out/wts.h5.zip", device="cpu")  # doctest: +SKIP
@@ -370,25 +383,60 @@ def _pickle_bytes(obj: Any) -> bytes:
     return pickle.dumps(obj, protocol=_PICKLE_PROTOCOL)
 
 
-def _architecture_params(config: NetworkConfig) -> dict[str, Any]:
+def _architecture_params(config: AnyNetworkConfig) -> dict[str, Any]:
+    """The snapshot keys that describe the network (§2.2); the rest of the snapshot comes from the caller."""
     gridsize = config.gridsize
     if gridsize * gridsize != config.C_model:
         raise ConfigMismatchError(
             f"C_model={config.C_model} is not a square gridsize**2; upstream bundles store gridsize only"
         )
-    return {
+    arch: dict[str, Any] = {
         "N": config.N,
         "gridsize": gridsize,
-        "n_filters_scale": config.n_filters_scale,
         "model_type": "pinn" if config.mode == "Unsupervised" else "supervised",
         "architecture": config.architecture,
-        "amp_activation": config.amp_activation,
-        "object.big": config.object_big,
-        "probe.big": config.probe_big,
-        # Our own training never applies a learned input scale unless the network says so; writing the flag
-        # from the network keeps upstream's legacy loader's input scaling identical to ours.
-        "intensity_scale.trainable": config.intensity_scale_trainable,
     }
+    if isinstance(config, FnoNetworkConfig):
+        # TensorFlow-side fields: upstream writes them into the snapshot, and a metadata-free reader needs them
+        arch.update(
+            fno_modes=config.fno_modes,
+            fno_width=config.fno_width,
+            fno_blocks=config.fno_blocks,
+            fno_cnn_blocks=config.fno_cnn_blocks,
+            learned_input_channels=config.learned_input_channels,
+            fno_input_transform=config.fno_input_transform,
+            generator_output_mode=config.generator_output_mode,
+        )
+    else:
+        arch.update({
+            "n_filters_scale": config.n_filters_scale,
+            "amp_activation": config.amp_activation,
+            "object.big": config.object_big,
+            "probe.big": config.probe_big,
+        })
+    # Our own training never applies a learned input scale unless the network says so; writing the flag
+    # from the network keeps upstream's legacy loader's input scaling identical to ours.
+    arch["intensity_scale.trainable"] = config.intensity_scale_trainable
+    return arch
+
+
+def _weights_payload(network: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The state_dict as upstream's ``torch.save(module.state_dict())`` writes it: every key in order, each shared
+    tensor copied once so that its alias keys keep sharing one storage (§8.6.5), and the module versions
+    (``_metadata``) kept; copies are contiguous CPU tensors owning exactly their bytes."""
+    live = network.state_dict()
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+    state: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, tensor in live.items():
+        view = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tensor.stride(), tensor.dtype)
+        if view not in copies:
+            copies[view] = tensor.detach().to("cpu").contiguous().clone()
+        state[key] = copies[view]
+    metadata = getattr(live, "_metadata", None)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
+    return state
 
 
 def _plain_provenance(value: Any, depth: int = 0) -> Any:
@@ -418,12 +466,14 @@ def _plain_provenance(value: Any, depth: int = 0) -> Any:
     )
 
 
-def _split_models(models: Any) -> tuple[PtychoPINNNetwork, Any]:
-    if isinstance(models, PtychoPINNNetwork):
+def _split_models(models: Any) -> tuple[torch.nn.Module, Any]:
+    classes = network_classes()
+    names = " or ".join(c.__name__ for c in classes)
+    if isinstance(models, classes):
         return models, SENTINEL
     if not isinstance(models, Mapping):
         raise TypeError(
-            "models must be a PtychoPINNNetwork or a dict {'diffraction_to_obj': network, 'autoencoder': ...}, "
+            f"models must be a {names} or a dict {{'diffraction_to_obj': network, 'autoencoder': ...}}, "
             f"got {type(models).__name__}"
         )
     if not models:
@@ -432,10 +482,10 @@ def _split_models(models: Any) -> tuple[PtychoPINNNetwork, Any]:
     if unknown:
         raise ValueError(f"models has unknown entries {unknown}; a bundle holds only {list(MODEL_NAMES)}")
     network = models.get(INFERENCE_MODEL)
-    if not isinstance(network, PtychoPINNNetwork):
+    if not isinstance(network, classes):
         raise TypeError(
-            f"models['{INFERENCE_MODEL}'] must be a PtychoPINNNetwork (build one from a NetworkConfig), got "
-            f"{type(network).__name__}"
+            f"models['{INFERENCE_MODEL}'] must be a {names} (build one from a NetworkConfig or FnoNetworkConfig), "
+            f"got {type(network).__name__}"
         )
     autoencoder = models.get(AUTOENCODER_MODEL, SENTINEL)
     if isinstance(autoencoder, Mapping):
@@ -458,7 +508,8 @@ def save_torch_bundle(
     """Write a ``wts.h5.zip`` that upstream PtychoPINN and this package both load exactly.
 
     Args:
-        models: the ``diffraction_to_obj`` :class:`PtychoPINNNetwork`, or upstream's dict form
+        models: the ``diffraction_to_obj`` network (:class:`PtychoPINNNetwork` or :class:`PtychoFnoNetwork`), or
+            upstream's dict form
             ``{'diffraction_to_obj': network, 'autoencoder': module_or_sentinel}``.
         path: ``out/wts.h5`` (upstream's base path, ``.zip`` appended), ``out/wts.h5.zip``, or a directory.
         config: legacy ``params.cfg`` values to record (``nphotons``, ``nepochs``, ``batch_size``, ...). The
@@ -487,7 +538,7 @@ def save_torch_bundle(
         raise ValueError(f"intensity_scale must be a finite number, got {intensity_scale!r}")
     snapshot = params_module.make_params_snapshot(overrides, intensity_scale=intensity_scale)
     metadata = make_metadata(network.config, snapshot, ci_statistics=ci_statistics)
-    state = OrderedDict((k, v.detach().to("cpu").contiguous().clone()) for k, v in network.state_dict().items())
+    state = _weights_payload(network)
     if isinstance(autoencoder, torch.nn.Module):
         auto_payload: Any = OrderedDict((k, v.detach().to("cpu")) for k, v in autoencoder.state_dict().items())
     else:

@@ -4,7 +4,8 @@ Upstream's metadata-aware loader (docs/bundle-format.md §8) rebuilds ``diffract
 ``data_config`` dicts stored in this member, ignoring ``params.dill``. This module keeps the dataclass field
 order and defaults of those dicts (so bundles we write are rebuilt identically by upstream), validates stored
 metadata the way upstream's dataclass constructors would (unknown key -> refuse), and turns either source into
-a :class:`~mlflow_ptycho_flavor.network.NetworkConfig`:
+the configuration of the architecture it names: :class:`~mlflow_ptycho_flavor.network.NetworkConfig` for the CNN,
+:class:`~mlflow_ptycho_flavor.network.FnoNetworkConfig` for the neural-operator family (§8.6):
 
 * metadata present: it alone decides the network (docs/bundle-format.md §8.2), cross-checked against the params snapshot;
 * metadata absent: the params snapshot decides, with torch defaults for torch-only knobs and the caller's
@@ -18,8 +19,15 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow_ptycho_flavor.errors import ConfigMismatchError, CorruptBundleError, UnsupportedBundleError
-from mlflow_ptycho_flavor.network import NetworkConfig
+from mlflow_ptycho_flavor.bundle.params import BUNDLE_PARAM_DEFAULTS
+from mlflow_ptycho_flavor.errors import ConfigMismatchError, CorruptBundleError, UnsupportedBundleError, short_repr
+from mlflow_ptycho_flavor.network import AnyNetworkConfig, FnoNetworkConfig, NetworkConfig
+from mlflow_ptycho_flavor.network.fno import (
+    FNO_ARCHITECTURES,
+    fno_config_from_metadata,
+    fno_model_config_fields,
+    refuse_architecture,
+)
 
 __all__ = [
     "METADATA_SCHEMA_VERSION",
@@ -150,17 +158,19 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
     return result
 
 
-def network_config_from_metadata(metadata: Mapping[str, Any]) -> NetworkConfig:
-    """Resolve the network from validated metadata (docs/bundle-format.md §8.2), refusing what upstream's constructor refuses."""
+def network_config_from_metadata(metadata: Mapping[str, Any]) -> AnyNetworkConfig:
+    """Resolve the network from validated metadata (docs/bundle-format.md §8.2), refusing what upstream's constructor refuses.
+
+    ``model_config['architecture']`` picks the configuration: the CNN's :class:`NetworkConfig`, or the FNO
+    family's :class:`FnoNetworkConfig` (§8.6, built from ``data_config['C']`` and the ``fno_*`` keys). Any other
+    architecture (``neuralop_uno`` included) is refused with an error naming it.
+    """
     model_config = metadata["model_config"]
     data_config = metadata["data_config"]
     training_config = metadata["training_config"]
     architecture = _typed(model_config, "architecture")
-    if architecture != "cnn":
-        raise UnsupportedBundleError(
-            f"model_config['architecture']={architecture!r}: only the CNN generator is implemented; FNO-family "
-            "bundles ('fno', 'fno_vanilla', 'ffno', 'neuralop_uno') are refused rather than built wrongly"
-        )
+    if architecture != "cnn" and architecture not in FNO_ARCHITECTURES:
+        refuse_architecture(architecture, "model_config['architecture']")
     mode = _typed(model_config, "mode")
     if mode == "Supervised":
         if training_config.get("torch_loss_mode") != "mae" or model_config.get("loss_function") != "MAE":
@@ -178,7 +188,8 @@ def network_config_from_metadata(metadata: Mapping[str, Any]) -> NetworkConfig:
     if not isinstance(gain, (int, float)) or isinstance(gain, bool) or not math.isfinite(gain) or gain <= 0:
         raise ConfigMismatchError(f"model_config['amplitude_physics_gain'] must be finite and > 0, got {gain!r}")
     if physics == "rectangular_scaled":
-        if mode != "Unsupervised" or model_config.get("cnn_output_mode") != "real_imag":
+        # the FNO family's head requirement (generator_output_mode='real_imag') is checked with its config
+        if architecture == "cnn" and (mode != "Unsupervised" or model_config.get("cnn_output_mode") != "real_imag"):
             raise ConfigMismatchError(
                 "physics_forward_mode='rectangular_scaled' requires real/imag output (cnn_output_mode="
                 "'real_imag', Unsupervised)"
@@ -190,6 +201,8 @@ def network_config_from_metadata(metadata: Mapping[str, Any]) -> NetworkConfig:
             f"model_config['physics_forward_mode']={physics!r} is not known; expected 'amplitude' or "
             "'rectangular_scaled'"
         )
+    if architecture in FNO_ARCHITECTURES:
+        return fno_config_from_metadata(model_config, data_config)
     N = data_config.get("N")
     if isinstance(N, bool) or not isinstance(N, int):
         raise ConfigMismatchError(f"data_config['N'] must be int, got {N!r}")
@@ -209,7 +222,35 @@ def network_config_from_metadata(metadata: Mapping[str, Any]) -> NetworkConfig:
     return NetworkConfig(**values)
 
 
-def network_config_from_params(params: Mapping[str, Any], *, legacy_scaling: bool = False) -> NetworkConfig:
+def _fno_config_from_params(params: Mapping[str, Any], architecture: str, legacy_scaling: bool) -> FnoNetworkConfig:
+    """The FNO family from a snapshot alone: its ``fno_*`` and ``generator_output_mode`` keys are TensorFlow-side
+    fields, so the snapshot holds what the rebuild needs (docs/bundle-format.md §8.3); absent keys take upstream's
+    defaults, torch-only knobs (``num_datasets``) the torch defaults."""
+    if legacy_scaling:
+        raise UnsupportedBundleError(
+            f"legacy_scaling=True reproduces upstream's legacy load_torch_bundle, which ignores "
+            f"architecture={architecture!r} and builds a randomly initialised CNN instead; there is no legacy "
+            "behaviour to reproduce for this bundle. Load it without legacy_scaling"
+        )
+    gridsize = params["gridsize"]
+    defaults = BUNDLE_PARAM_DEFAULTS
+    return FnoNetworkConfig(
+        N=params["N"],
+        C_model=params.get("C", gridsize * gridsize),
+        architecture=architecture,
+        fno_modes=params.get("fno_modes", defaults["fno_modes"]),
+        fno_width=params.get("fno_width", defaults["fno_width"]),
+        fno_blocks=params.get("fno_blocks", defaults["fno_blocks"]),
+        fno_cnn_blocks=params.get("fno_cnn_blocks", defaults["fno_cnn_blocks"]),
+        learned_input_channels=params.get("learned_input_channels", defaults["learned_input_channels"]),
+        fno_input_transform=params.get("fno_input_transform", defaults["fno_input_transform"]),
+        generator_output_mode=params.get("generator_output_mode", defaults["generator_output_mode"]),
+        mode="Unsupervised" if params.get("model_type") == "pinn" else "Supervised",
+        intensity_scale_trainable=False,
+    )
+
+
+def network_config_from_params(params: Mapping[str, Any], *, legacy_scaling: bool = False) -> AnyNetworkConfig:
     """Resolve the network from a params snapshot alone (bundles without metadata, docs/bundle-format.md §8.3).
 
     Args:
@@ -219,13 +260,13 @@ def network_config_from_params(params: Mapping[str, Any], *, legacy_scaling: boo
             ``params['intensity_scale.trainable']``). Off by default: training never used that scaling.
     """
     architecture = params.get("architecture", "cnn")
-    if architecture != "cnn":
-        raise UnsupportedBundleError(
-            f"params['architecture']={architecture!r}: only the CNN generator is implemented"
-        )
+    if architecture != "cnn" and architecture not in FNO_ARCHITECTURES:
+        refuse_architecture(architecture, "params['architecture']")
     model_type = params.get("model_type")
     if model_type not in ("pinn", "supervised", None):
         raise ConfigMismatchError(f"params['model_type'] must be 'pinn' or 'supervised', got {model_type!r}")
+    if architecture in FNO_ARCHITECTURES:
+        return _fno_config_from_params(params, architecture, legacy_scaling)
     gridsize = params["gridsize"]
     values: dict[str, Any] = {
         "N": params["N"],
@@ -244,20 +285,34 @@ def network_config_from_params(params: Mapping[str, Any], *, legacy_scaling: boo
     return NetworkConfig(**values)
 
 
-def check_params_agree(params: Mapping[str, Any], network: NetworkConfig) -> None:
+def check_params_agree(params: Mapping[str, Any], network: AnyNetworkConfig) -> None:
     """Refuse a bundle whose params snapshot disagrees with the network its metadata describes (docs/bundle-format.md §8.2.1).
 
     The snapshot is what CONFIG-001 restores into the global config, so a disagreement would mislead every
-    consumer of ``params.cfg``.
+    consumer of ``params.cfg``. Compared: ``N``, ``gridsize**2`` with the channel count, ``model_type``,
+    ``architecture``, and the keys the architecture is built from (CNN: width scale, ``object.big``, ``probe.big``,
+    ``amp_activation``; FNO family: the ``fno_*`` sizes, input transform and head, which upstream writes on both
+    sides). Keys the snapshot lacks are not compared.
     """
     checks = [
         ("N", params.get("N"), "data_config['N']", network.N),
-        ("gridsize**2", params["gridsize"] ** 2, "model_config['C_model']", network.C_model),
-        ("n_filters_scale", params.get("n_filters_scale"), "model_config['n_filters_scale']", network.n_filters_scale),
-        ("object.big", params.get("object.big"), "model_config['object_big']", network.object_big),
-        ("probe.big", params.get("probe.big"), "model_config['probe_big']", network.probe_big),
-        ("amp_activation", params.get("amp_activation"), "model_config['amp_activation']", network.amp_activation),
+        ("architecture", params.get("architecture"), "model_config['architecture']", network.architecture),
     ]
+    if isinstance(network, FnoNetworkConfig):
+        checks.append(("gridsize**2", params["gridsize"] ** 2, "data_config['C']", network.C_model))
+        fno_keys = ["fno_modes", "fno_width", "fno_blocks", "learned_input_channels", "fno_input_transform",
+                    "generator_output_mode"]
+        if network.architecture != "fno_vanilla":  # fno_vanilla has no refiners: the count is inert there
+            fno_keys.append("fno_cnn_blocks")
+        checks.extend((key, params.get(key), f"model_config[{key!r}]", getattr(network, key)) for key in fno_keys)
+    else:
+        checks += [
+            ("gridsize**2", params["gridsize"] ** 2, "model_config['C_model']", network.C_model),
+            ("n_filters_scale", params.get("n_filters_scale"), "model_config['n_filters_scale']", network.n_filters_scale),
+            ("object.big", params.get("object.big"), "model_config['object_big']", network.object_big),
+            ("probe.big", params.get("probe.big"), "model_config['probe_big']", network.probe_big),
+            ("amp_activation", params.get("amp_activation"), "model_config['amp_activation']", network.amp_activation),
+        ]
     model_type = params.get("model_type")
     if model_type is not None:
         checks.append(("model_type", model_type, "model_config['mode']",
@@ -267,14 +322,14 @@ def check_params_agree(params: Mapping[str, Any], network: NetworkConfig) -> Non
             continue
         if param_value != meta_value:
             raise ConfigMismatchError(
-                f"params.dill[{param_key!r}]={param_value!r} disagrees with torch_scaling_metadata.pt "
+                f"params.dill[{param_key!r}]={short_repr(param_value)} disagrees with torch_scaling_metadata.pt "
                 f"{meta_key}={meta_value!r}; the params snapshot restored into params.cfg must describe the same "
                 "network - re-save the bundle so both agree"
             )
 
 
 def make_metadata(
-    network: NetworkConfig,
+    network: AnyNetworkConfig,
     params: Mapping[str, Any],
     *,
     ci_statistics: Mapping[str, Any] | None = None,
@@ -294,10 +349,15 @@ def make_metadata(
         K=int(params.get("neighbor_count", DATA_CONFIG_DEFAULTS["K"])),
     )
     model_config = dict(MODEL_CONFIG_DEFAULTS)
-    for field in _NETWORK_FIELDS:
-        if field != "N":
-            model_config[field] = getattr(network, field)
-    model_config["C_forward"] = network.C_model
+    if isinstance(network, FnoNetworkConfig):
+        fields = fno_model_config_fields(network)
+        model_config.update(fields["model_config"])
+        data_config.update(fields["data_config"])
+    else:
+        for field in _NETWORK_FIELDS:
+            if field != "N":
+                model_config[field] = getattr(network, field)
+        model_config["C_forward"] = network.C_model
     if network.mode == "Supervised":
         model_config["loss_function"] = "MAE"
     training_config = dict(TRAINING_CONFIG_DEFAULTS)

@@ -47,7 +47,7 @@ from mlflow_ptycho_flavor.flavor import env as _mlflow_env
 from mlflow_ptycho_flavor.flavor.env import invalid_parameter
 from mlflow_ptycho_flavor.flavor.pyfunc_model import PYFUNC_MAX_CANVAS_PIXELS, PtychoTorchPyfuncModel, param_schema
 from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
-from mlflow_ptycho_flavor.network import PtychoPINNNetwork, describe_architecture, resolve_device
+from mlflow_ptycho_flavor.network import describe_architecture, network_classes, resolve_device
 
 __all__ = [
     "FLAVOR_NAME",
@@ -77,7 +77,7 @@ def get_default_conda_env() -> dict[str, Any]:
     return _mlflow_env.default_conda_env()
 
 
-def infer_signature(contents: BundleContents | PtychoPINNNetwork) -> ModelSignature:
+def infer_signature(contents: BundleContents | torch.nn.Module) -> ModelSignature:
     """A signature with the ``(-1, C, N, N)`` float32 output tensor spec and the params schema.
 
     The input is documented in the MLmodel flavor section rather than enforced as a schema, because the model
@@ -99,13 +99,13 @@ def infer_signature(contents: BundleContents | PtychoPINNNetwork) -> ModelSignat
 
 
 def _validate_model_argument(model: Any) -> None:
-    if isinstance(model, PtychoPINNNetwork):
+    if isinstance(model, network_classes()):
         return
     if isinstance(model, (str, os.PathLike)):
         return
     raise TypeError(
-        "`model` must be a PtychoPINNNetwork (the diffraction_to_obj module) or a path to a wts.h5.zip bundle, a "
-        f"Lightning checkpoint or a TensorFlow archive, got {type(model).__name__}"
+        "`model` must be a PtychoPINNNetwork or PtychoFnoNetwork (the diffraction_to_obj module) or a path to a "
+        f"wts.h5.zip bundle, a Lightning checkpoint or a TensorFlow archive, got {type(model).__name__}"
     )
 
 
@@ -227,9 +227,9 @@ def save_model(
     """Save a PtychoPINN model as an MLflow model directory whose primary artifact is ``wts.h5.zip``.
 
     Args:
-        model: the ``diffraction_to_obj`` :class:`PtychoPINNNetwork`, or a path to an existing ``wts.h5.zip``
-            (validated, then stored byte for byte - bundles trained by upstream are logged as they are), or to a
-            Lightning checkpoint (``*.ckpt``) or TensorFlow archive, converted exactly into the model's bundle
+        model: the ``diffraction_to_obj`` network (``PtychoPINNNetwork`` or ``PtychoFnoNetwork``), or a path to
+            an existing ``wts.h5.zip`` (validated, then stored byte for byte - bundles trained by upstream are
+            logged as they are), or to a Lightning checkpoint (``*.ckpt``) or TensorFlow archive, converted exactly into the model's bundle
             (:func:`mlflow_ptycho_flavor.convert.convert_any`). A TensorFlow archive is also stored byte for byte
             as ``source/<name>``; the flavor section's ``source`` records the kind, sha256 and size of what was
             converted. Anything else (a bare state_dict, an MLflow model directory, unknown bytes) is refused
@@ -258,7 +258,7 @@ def save_model(
     target = Path(os.fspath(path)).resolve()
     _check_target(target)
     source_info = None
-    if not isinstance(model, PtychoPINNNetwork):
+    if not isinstance(model, network_classes()):
         source_info = _identify_model_path(model, config=config, autoencoder=autoencoder, intensity_scale=intensity_scale)
 
     with atomic_directory(target) as staging:

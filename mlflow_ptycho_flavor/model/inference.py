@@ -28,7 +28,6 @@ import torch
 from mlflow_ptycho_flavor.bundle import read_bundle
 from mlflow_ptycho_flavor.bundle.params import restore_params
 from mlflow_ptycho_flavor.errors import PredictionInputError, short_repr
-from mlflow_ptycho_flavor.network import PtychoPINNNetwork
 
 __all__ = [
     "PtychoTorchModel",
@@ -299,14 +298,15 @@ class PtychoTorchModel:
     """A loaded ``ptycho_torch`` model: the network on its device plus everything its bundle carried.
 
     Attributes:
-        network: the ``diffraction_to_obj`` network (eval mode).
+        network: the ``diffraction_to_obj`` network (eval mode): a ``PtychoPINNNetwork`` (CNN) or a
+            ``PtychoFnoNetwork`` (FNO family); both map ``(B, C, N, N)`` amplitudes to complex64 patches.
         params: the params snapshot (``params.dill``), restored into the global config at load (CONFIG-001).
         manifest: the decoded ``manifest.dill``.
         metadata: the decoded ``torch_scaling_metadata.pt``, or None.
         bundle_path: where the bundle was read from.
     """
 
-    network: PtychoPINNNetwork
+    network: torch.nn.Module
     params: dict[str, Any]
     manifest: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] | None = None

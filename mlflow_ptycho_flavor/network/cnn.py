@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlflow_ptycho_flavor.errors import UnsupportedBundleError
+from mlflow_ptycho_flavor.network.common import ForwardModel, fixed_input_scale
 from mlflow_ptycho_flavor.network.config import NetworkConfig
 
 __all__ = ["PtychoPINNNetwork", "encoder_depth"]
@@ -356,29 +357,12 @@ class _Autoencoder(nn.Module):
         return self.decoder_amp(y), self.decoder_phase(y)
 
 
-class _RectScaler(nn.Module):
-    def __init__(self, num_datasets: int) -> None:
-        super().__init__()
-        self.s1 = nn.Parameter(torch.ones(num_datasets))
-        self.s2 = nn.Parameter(torch.ones(num_datasets))
-
-
-class _ForwardModel(nn.Module):
-    """Training-physics parameters: present in the state_dict (strict loads need them), unused at inference."""
-
-    def __init__(self, num_datasets: int) -> None:
-        super().__init__()
-        self.alpha = nn.Parameter(torch.ones(num_datasets))
-        self.beta = nn.Parameter(torch.ones(num_datasets))
-        self.rect_scaler = _RectScaler(num_datasets)
-
-
 class _PtychoPINNCore(nn.Module):
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
         self.autoencoder = _Autoencoder(cfg)
         if cfg.mode == "Unsupervised":
-            self.forward_model = _ForwardModel(cfg.num_datasets)
+            self.forward_model = ForwardModel(cfg.num_datasets)
 
 
 class PtychoPINNNetwork(nn.Module):
@@ -402,13 +386,7 @@ class PtychoPINNNetwork(nn.Module):
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             self.model = _PtychoPINNCore(config)
         self._real_imag = config.effective_output_mode == "real_imag"
-        scale = None
-        if config.intensity_scale_trainable:
-            log_scale = torch.tensor(math.log(config.intensity_scale), dtype=torch.float32, device="cpu")
-            if bool(log_scale):  # upstream's truthiness test: ln(1) = 0 keeps the caller's factor
-                scale = torch.exp(log_scale)
-        # Not a buffer: upstream's log_scale is neither in the state_dict nor moved with the module.
-        self._fixed_input_scale = scale
+        self._fixed_input_scale = fixed_input_scale(config.intensity_scale_trainable, config.intensity_scale)
 
     @classmethod
     def from_state_dict(cls, config: NetworkConfig, state_dict) -> "PtychoPINNNetwork":

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 from mlflow_ptycho_flavor.errors import ConfigMismatchError, UnsupportedBundleError, short_repr
 
-__all__ = ["NetworkConfig", "SUPPORTED_PATCH_SIZES", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["NetworkConfig", "SUPPORTED_PATCH_SIZES"]
 
 #: Patch sizes N the networks are defined for (the encoder depth is log2(N/8)).
 SUPPORTED_PATCH_SIZES = (64, 128, 256)
-SUPPORTED_ARCHITECTURES = ("cnn",)
 _CNN_OUTPUT_MODES = ("amp_phase", "real_imag")
 _MODES = ("Unsupervised", "Supervised")
 
@@ -59,10 +58,10 @@ class NetworkConfig:
             raise ConfigMismatchError(
                 f"N={short_repr(self.N)} is not supported; supported patch sizes: {SUPPORTED_PATCH_SIZES}"
             )
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
+        if self.architecture != "cnn":
             raise UnsupportedBundleError(
-                f"architecture={self.architecture!r} is not supported by this loader (supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}); the FNO-family generators are not implemented"
+                f"architecture={short_repr(self.architecture)} is not the CNN NetworkConfig describes; the "
+                "neural-operator family ('fno_vanilla', 'fno', 'ffno') is configured by FnoNetworkConfig"
             )
         if self.mode not in _MODES:
             raise UnsupportedBundleError(f"mode={self.mode!r} is not supported; expected one of {_MODES}")

@@ -29,8 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigMismatchError, StateDictMismatchError, UnsupportedBundleError
-from .network import _ForwardModel
+from mlflow_ptycho_flavor.errors import ConfigMismatchError, StateDictMismatchError, UnsupportedBundleError
+from mlflow_ptycho_flavor.network.common import ForwardModel, fixed_input_scale
+from mlflow_ptycho_flavor.network.config import SUPPORTED_PATCH_SIZES
 
 __all__ = [
     "FNO_ARCHITECTURES",
@@ -45,6 +46,7 @@ __all__ = [
     "fno_model_config_fields",
     "alias_groups",
     "check_aliases_agree",
+    "refuse_architecture",
 ]
 
 #: Architectures this module builds (upstream ``model_config['architecture']`` values).
@@ -89,11 +91,11 @@ UPSTREAM_FNO_DEFAULTS: dict[str, Any] = {
     "C": 4,
 }
 
-_SUPPORTED_N = (64, 128, 256)
+def refuse_architecture(architecture: Any, source: str) -> None:
+    """Raise the typed refusal for an architecture the FNO family does not build (names it and the way out).
 
-
-def _refuse_architecture(architecture: Any, source: str) -> None:
-    """Raise the typed refusal for an architecture this module does not build (names it and the way out)."""
+    ``neuralop_uno`` names the external package it needs; ``cnn`` points to the CNN's own configuration.
+    """
     shown = repr(architecture)[:200]
     if architecture == "cnn":
         raise ConfigMismatchError(
@@ -155,11 +157,11 @@ class FnoNetworkConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.architecture, str) or self.architecture not in FNO_ARCHITECTURES:
-            _refuse_architecture(self.architecture, "architecture")
-        if isinstance(self.N, bool) or not isinstance(self.N, int) or self.N not in _SUPPORTED_N:
+            refuse_architecture(self.architecture, "architecture")
+        if isinstance(self.N, bool) or not isinstance(self.N, int) or self.N not in SUPPORTED_PATCH_SIZES:
             raise ConfigMismatchError(
                 f"N={repr(self.N)[:200]} is not supported; supported patch sizes: "
-                + ", ".join(map(str, _SUPPORTED_N))
+                + ", ".join(map(str, SUPPORTED_PATCH_SIZES))
             )
         _check_int("C_model", self.C_model, 1)
         _check_int("fno_modes", self.fno_modes, 1)
@@ -243,7 +245,7 @@ def fno_config_from_metadata(model_config: Mapping[str, Any], data_config: Mappi
     """
     architecture = _value(model_config, "architecture")
     if not isinstance(architecture, str) or architecture not in FNO_ARCHITECTURES:
-        _refuse_architecture(architecture, "model_config['architecture']")
+        refuse_architecture(architecture, "model_config['architecture']")
     physics = _value(model_config, "physics_forward_mode")
     output_mode = _value(model_config, "generator_output_mode")
     if physics == "rectangular_scaled" and output_mode != "real_imag":
@@ -575,7 +577,7 @@ class _FnoPtychoPINN(nn.Module):
         core = _CORES[cfg.architecture](cfg)
         self.generator = core
         self.autoencoder = core
-        self.forward_model = _ForwardModel(cfg.num_datasets)
+        self.forward_model = ForwardModel(cfg.num_datasets)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -655,13 +657,7 @@ class PtychoFnoNetwork(nn.Module):
         super().__init__()
         self.config = config
         self.model = _FnoPtychoPINN(config)
-        scale = None
-        if config.intensity_scale_trainable:
-            log_scale = torch.tensor(math.log(config.intensity_scale), dtype=torch.float32, device="cpu")
-            if bool(log_scale):  # upstream's truthiness test: ln(1) = 0 keeps the caller's factor
-                scale = torch.exp(log_scale)
-        # Not a buffer: upstream's log_scale is neither in the state_dict nor moved with the module.
-        self._fixed_input_scale = scale
+        self._fixed_input_scale = fixed_input_scale(config.intensity_scale_trainable, config.intensity_scale)
 
     @classmethod
     def from_state_dict(cls, config: FnoNetworkConfig, state_dict: Mapping[str, Any]) -> "PtychoFnoNetwork":

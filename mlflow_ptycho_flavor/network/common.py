@@ -1,0 +1,43 @@
+"""Pieces every architecture shares: the training-physics parameters and the fixed input scale (§3.7, §8.4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["ForwardModel", "fixed_input_scale"]
+
+
+class _RectScaler(nn.Module):
+    def __init__(self, num_datasets: int) -> None:
+        super().__init__()
+        self.s1 = nn.Parameter(torch.ones(num_datasets))
+        self.s2 = nn.Parameter(torch.ones(num_datasets))
+
+
+class ForwardModel(nn.Module):
+    """``model.forward_model``: training-physics parameters present in the state_dict (strict loads need them),
+    unused at inference (docs/bundle-format.md §3.7)."""
+
+    def __init__(self, num_datasets: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_datasets))
+        self.beta = nn.Parameter(torch.ones(num_datasets))
+        self.rect_scaler = _RectScaler(num_datasets)
+
+
+def fixed_input_scale(trainable: bool, intensity_scale: float) -> torch.Tensor | None:
+    """The factor replacing the caller's when the intensity scale is trainable, else None (docs/bundle-format.md §8.4).
+
+    ``exp(float32(ln s))`` evaluated by torch in float32 on a CPU scalar, after upstream's truthiness test
+    (``ln 1 = 0`` keeps the caller's factor). Not a buffer: upstream's ``log_scale`` is neither in the state_dict
+    nor moved with the module.
+    """
+    if not trainable:
+        return None
+    log_scale = torch.tensor(math.log(intensity_scale), dtype=torch.float32, device="cpu")
+    if not bool(log_scale):
+        return None
+    return torch.exp(log_scale)
