@@ -16,12 +16,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import json
 import math
 import pickle
 import time
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,15 +39,8 @@ from mlflow_ptycho_flavor.network.fno import (
     fno_model_config_fields,
 )
 from mlflow_ptycho_flavor.bundle.metadata import DATA_CONFIG_DEFAULTS, MODEL_CONFIG_DEFAULTS
+from fno_helpers import FIXTURES, KEY_TABLE, TOLERANCE, le_bytes, make_perturbed_fno_network, read_fixture
 
-FIXTURE_DIR = Path(__file__).resolve().parent / "data" / "upstream_fno"
-FIXTURES = ["n64_g1_ffno_default", "n64_g1_fno_ampphase"]
-# Acceptance bound of the fixtures' README. Upstream's own equivalent evaluations (1 vs 2 threads, mkldnn off,
-# channels_last, float64) moved these outputs by <= 2e-6: FFT and conv kernels sum in different orders on other
-# CPUs and thread counts. The smallest meaningful change (reverting any single tensor) is >= 4.9e-3.
-TOLERANCE = 5e-5
-# §8.6's table: keys at N=64, gridsize 1 and default sizes, (real_imag, amp_phase).
-KEY_TABLE = {"fno_vanilla": (40, 44), "fno": (52, 56), "ffno": (166, 170)}
 PREFIXES = ("model.generator.", "model.autoencoder.")
 FORWARD_MODEL_KEYS = [
     "model.forward_model.alpha",
@@ -63,26 +53,6 @@ FORWARD_MODEL_KEYS = [
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _read_fixture(name: str) -> dict:
-    folder = FIXTURE_DIR / name
-    with zipfile.ZipFile(folder / "wts.h5.zip") as archive:
-        state_dict = torch.load(io.BytesIO(archive.read("diffraction_to_obj/model.pth")), weights_only=True)
-        metadata = torch.load(io.BytesIO(archive.read("torch_scaling_metadata.pt")), weights_only=True)
-    data = np.load(folder / "io.npz")
-    return {
-        "state_dict": state_dict,
-        "metadata": metadata,
-        "io": {k: data[k] for k in data.files},
-        "meta": json.loads((folder / "meta.json").read_text()),
-    }
-
-
-def _le_bytes(tensor: torch.Tensor) -> bytes:
-    """C-order little-endian bytes as meta.json hashes them (complex64: interleaved float32 real, imag)."""
-    array = tensor.detach().cpu().contiguous().numpy()
-    return array.astype(array.dtype.newbyteorder("<")).tobytes()
-
-
 def _predict(network: PtychoFnoNetwork, x, factor=None) -> torch.Tensor:
     with torch.no_grad():
         return network(torch.as_tensor(x), None if factor is None else torch.as_tensor(factor))
@@ -103,33 +73,6 @@ def _key_count(architecture: str, output_mode: str, blocks: int, cnn_blocks: int
     else:  # gate, shared operator, blocks (2 shared + norm/expand/project 6), the blocks alias, refiners
         core = lifter + 1 + 2 + 8 * blocks + 8 * blocks + 4 * cnn_blocks + head
     return 2 * core + 4
-
-
-def _perturbed(seed: int = 0, **config) -> PtychoFnoNetwork:
-    """A network whose every distinct tensor holds seeded non-trivial values that keep the output O(1).
-
-    Conv weights keep their default init plus noise; spectral weights get ~1/width so the spectral path carries
-    as much as the local one; the ffno gate and InstanceNorm affine parameters move away from 0.1 / 1 / 0.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network = PtychoFnoNetwork(FnoNetworkConfig(**config))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, tensor in network.named_parameters():  # distinct tensors only: aliases stay aliases
-            if tensor.is_complex():
-                width = tensor.shape[0]
-                noise = torch.randn(tensor.shape, generator=gen, dtype=torch.complex64)
-                tensor.copy_(noise * (0.7 / width))
-            elif name.endswith("shared_gate"):
-                tensor.fill_(0.7)
-            elif ".norm." in name:
-                tensor.add_(0.3 * torch.randn(tensor.shape, generator=gen))
-            else:
-                noise = torch.randn(tensor.shape, generator=gen)
-                std = float(tensor.std()) if tensor.numel() > 1 else 0.0
-                tensor.add_((0.2 * std if std > 0 else 0.2) * noise)
-    return network.eval()
 
 
 def _x(batch: int, channels: int, n: int, seed: int = 3) -> torch.Tensor:
@@ -244,7 +187,7 @@ def _reference_forward(cfg: FnoNetworkConfig, state_dict: dict, x: np.ndarray, f
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", params=FIXTURES)
 def fixture(request):
-    loaded = _read_fixture(request.param)
+    loaded = read_fixture(request.param)
     md = loaded["metadata"]
     config = fno_config_from_metadata(md["model_config"], md["data_config"])
     # keep the file's tensors untouched for the byte comparisons: the network adopts a shallow copy's tensors
@@ -269,7 +212,7 @@ def test_fixture_every_key_reaches_the_model_unchanged(fixture):
         tensor = loaded[entry["key"]]
         assert str(tensor.dtype).removeprefix("torch.") == entry["dtype"]
         assert list(tensor.shape) == entry["shape"]
-        assert hashlib.sha256(_le_bytes(tensor)).hexdigest() == entry["sha256_le_bytes"], entry["key"]
+        assert hashlib.sha256(le_bytes(tensor)).hexdigest() == entry["sha256_le_bytes"], entry["key"]
     assert any(e["dtype"] == "complex64" for e in entries)
 
 
@@ -325,7 +268,7 @@ def test_fixture_state_dict_round_trips_bit_for_bit(fixture):
     assert len(storages) == fixture["meta"]["state_dict"]["n_distinct_tensors"]
     again = PtychoFnoNetwork.from_state_dict(fixture["config"], reread).eval()
     for (key, a), (key2, b) in zip(fixture["network"].state_dict().items(), again.state_dict().items()):
-        assert key == key2 and a.dtype == b.dtype and _le_bytes(a) == _le_bytes(b)
+        assert key == key2 and a.dtype == b.dtype and le_bytes(a) == le_bytes(b)
     io_ = fixture["io"]
     first = _predict(fixture["network"], io_["x"], io_["input_scale_factor"])
     second = _predict(again, io_["x"], io_["input_scale_factor"])
@@ -429,7 +372,7 @@ def test_size_knobs_shape_the_weights_and_n_does_not():
 
 def test_metadata_versions_of_instance_norms_are_written():
     """upstream's ffno model.pth records ``version: 2`` for its InstanceNorm2d modules (README 'Bundle layout')."""
-    state_dict = _perturbed(architecture="ffno", fno_width=4, fno_modes=3, fno_blocks=1).state_dict()
+    state_dict = make_perturbed_fno_network(architecture="ffno", fno_width=4, fno_modes=3, fno_blocks=1).state_dict()
     versions = {k: v.get("version") for k, v in state_dict._metadata.items()}
     assert versions["model.generator.ffno_stack.blocks.0.norm"] == 2
     assert versions["model.generator.lifter.conv1"] == 1
@@ -442,7 +385,7 @@ SMALL = dict(fno_width=4, fno_blocks=2, fno_cnn_blocks=2)
 
 
 def _check_against_reference(n: int = 64, batch: int = 2, **config) -> float:
-    network = _perturbed(seed=5, N=n, **{**SMALL, **config})
+    network = make_perturbed_fno_network(seed=5, N=n, **{**SMALL, **config})
     cfg = network.config
     x = _x(batch, cfg.C_model, n).numpy()
     factor = np.linspace(0.5, 1.5, batch, dtype=np.float32).reshape(batch, 1, 1, 1)
@@ -490,7 +433,7 @@ def test_forward_matches_reference_at_n128(architecture):
 @pytest.mark.parametrize("architecture", FNO_ARCHITECTURES)
 def test_output_proj_channel_layout(architecture):
     """Channel k < C of ``output_proj`` is the real part of object k, channel C+k its imaginary part."""
-    network = _perturbed(architecture=architecture, C_model=4, fno_modes=3, **SMALL)
+    network = make_perturbed_fno_network(architecture=architecture, C_model=4, fno_modes=3, **SMALL)
     with torch.no_grad():
         network.model.generator.output_proj.weight.zero_()
         network.model.generator.output_proj.bias.copy_(torch.arange(1.0, 9.0))
@@ -508,7 +451,7 @@ def test_output_proj_channel_layout(architecture):
 
 @pytest.mark.parametrize("output_mode", ["amp_phase", "amp_phase_logits"])
 def test_amp_phase_heads_are_bounded(output_mode):
-    network = _perturbed(architecture="fno", generator_output_mode=output_mode, C_model=4, fno_modes=4, **SMALL)
+    network = make_perturbed_fno_network(architecture="fno", generator_output_mode=output_mode, C_model=4, fno_modes=4, **SMALL)
     out = _predict(network, 5 * _x(2, 4, 64))
     amplitude, phase = out.abs(), out.angle()
     assert amplitude.min() > 0 and amplitude.max() < 1
@@ -518,7 +461,7 @@ def test_amp_phase_heads_are_bounded(output_mode):
 
 @pytest.mark.parametrize("transform", ["sqrt", "log1p"])
 def test_sqrt_and_log1p_clamp_negative_input(transform):
-    network = _perturbed(architecture="ffno", fno_input_transform=transform, fno_modes=4, **SMALL)
+    network = make_perturbed_fno_network(architecture="ffno", fno_input_transform=transform, fno_modes=4, **SMALL)
     x = _x(2, 1, 64) - 1.0  # about half negative
     assert torch.equal(_predict(network, x), _predict(network, torch.clamp(x, min=0)))
     plain = PtychoFnoNetwork.from_state_dict(network.config.replace(fno_input_transform="none"),
@@ -527,7 +470,7 @@ def test_sqrt_and_log1p_clamp_negative_input(transform):
 
 
 def test_instancenorm_transform_removes_the_input_scale():
-    network = _perturbed(architecture="fno_vanilla", fno_input_transform="instancenorm", fno_modes=4, **SMALL)
+    network = make_perturbed_fno_network(architecture="fno_vanilla", fno_input_transform="instancenorm", fno_modes=4, **SMALL)
     x = _x(2, 1, 64)
     assert _max_abs(_predict(network, x, 3.0).numpy(), _predict(network, x).numpy()) < 1e-5
     plain = PtychoFnoNetwork.from_state_dict(network.config.replace(fno_input_transform="none"),
@@ -536,7 +479,7 @@ def test_instancenorm_transform_removes_the_input_scale():
 
 
 def test_input_scale_factor_multiplies_the_input():
-    network = _perturbed(architecture="ffno", fno_modes=4, **SMALL)
+    network = make_perturbed_fno_network(architecture="ffno", fno_modes=4, **SMALL)
     x = _x(3, 1, 64)
     factor = torch.tensor([0.5, 1.0, 1.5]).reshape(3, 1, 1, 1)
     assert torch.equal(_predict(network, x, factor), _predict(network, x * factor))
@@ -545,7 +488,7 @@ def test_input_scale_factor_multiplies_the_input():
 
 
 def test_trainable_scale_ignores_the_factor():
-    base = _perturbed(architecture="fno", fno_modes=4, **SMALL)
+    base = make_perturbed_fno_network(architecture="fno", fno_modes=4, **SMALL)
     trained = PtychoFnoNetwork.from_state_dict(
         base.config.replace(intensity_scale_trainable=True, intensity_scale=2.5), base.state_dict()
     ).eval()
@@ -557,14 +500,14 @@ def test_trainable_scale_ignores_the_factor():
 
 
 def test_train_and_eval_modes_agree():
-    network = _perturbed(architecture="ffno", fno_input_transform="instancenorm", fno_modes=4, **SMALL)
+    network = make_perturbed_fno_network(architecture="ffno", fno_input_transform="instancenorm", fno_modes=4, **SMALL)
     x = _x(2, 1, 64)
     evaluated = _predict(network, x)
     assert torch.equal(_predict(network.train(), x), evaluated)
 
 
 def test_copies_keep_aliases_and_numbers():
-    network = _perturbed(architecture="ffno", fno_modes=4, **SMALL)
+    network = make_perturbed_fno_network(architecture="ffno", fno_modes=4, **SMALL)
     x = _x(1, 1, 64)
     for clone in (copy.deepcopy(network), pickle.loads(pickle.dumps(network))):
         assert clone.model.generator is clone.model.autoencoder
@@ -576,7 +519,7 @@ def test_copies_keep_aliases_and_numbers():
 @pytest.mark.parametrize("output_mode", GENERATOR_OUTPUT_MODES)
 @pytest.mark.parametrize("gridsize", [1, 2])
 def test_state_dict_round_trip_bit_for_bit(architecture, output_mode, gridsize):
-    network = _perturbed(architecture=architecture, generator_output_mode=output_mode, C_model=gridsize ** 2,
+    network = make_perturbed_fno_network(architecture=architecture, generator_output_mode=output_mode, C_model=gridsize ** 2,
                          fno_modes=6, fno_input_transform="log1p", **SMALL)
     buffer = io.BytesIO()
     torch.save(network.state_dict(), buffer)
@@ -585,7 +528,7 @@ def test_state_dict_round_trip_bit_for_bit(architecture, output_mode, gridsize):
     original = network.state_dict()
     assert list(again.state_dict()) == list(original)
     for key, tensor in again.state_dict().items():
-        assert tensor.dtype == original[key].dtype and _le_bytes(tensor) == _le_bytes(original[key]), key
+        assert tensor.dtype == original[key].dtype and le_bytes(tensor) == le_bytes(original[key]), key
     x = _x(2, gridsize ** 2, 64)
     assert torch.equal(_predict(again, x), _predict(network, x))
 
