@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlflow_ptycho_flavor.errors import ConfigMismatchError, StateDictMismatchError, UnsupportedBundleError
+from mlflow_ptycho_flavor.errors import ConfigMismatchError, StateDictMismatchError, UnsupportedBundleError, short_repr
 from mlflow_ptycho_flavor.network.common import ForwardModel, fixed_input_scale
 from mlflow_ptycho_flavor.network.config import SUPPORTED_PATCH_SIZES
 
@@ -51,7 +51,7 @@ __all__ = [
 
 #: Architectures this module builds (upstream ``model_config['architecture']`` values).
 FNO_ARCHITECTURES = ("fno_vanilla", "fno", "ffno")
-#: ``fno_input_transform`` values (spec §8.6: applied to the scaled input before the lifter).
+#: ``fno_input_transform`` values (docs/bundle-format.md §8.6: applied to the scaled input before the lifter).
 FNO_INPUT_TRANSFORMS = ("none", "sqrt", "log1p", "instancenorm")
 #: ``generator_output_mode`` values of the non-CNN generators.
 GENERATOR_OUTPUT_MODES = ("real_imag", "amp_phase", "amp_phase_logits")
@@ -71,8 +71,9 @@ FNO_CONFIG_LIMITS: dict[str, int] = {
     "num_datasets": 1 << 20,
 }
 
-#: Upstream ``ModelConfig``/``DataConfig`` defaults of the keys an FNO-family network is built from (spec §8.1);
-#: a metadata dict that lacks one of them is read with this value, as upstream's dataclass constructors do.
+#: Upstream ``ModelConfig``/``DataConfig`` defaults of the keys an FNO-family network is built from
+#: (docs/bundle-format.md §8.1); a metadata dict that lacks one of them is read with this value, as upstream's
+#: dataclass constructors do.
 UPSTREAM_FNO_DEFAULTS: dict[str, Any] = {
     "mode": "Unsupervised",
     "architecture": "cnn",
@@ -91,12 +92,13 @@ UPSTREAM_FNO_DEFAULTS: dict[str, Any] = {
     "C": 4,
 }
 
+
 def refuse_architecture(architecture: Any, source: str) -> None:
     """Raise the typed refusal for an architecture the FNO family does not build (names it and the way out).
 
     ``neuralop_uno`` names the external package it needs; ``cnn`` points to the CNN's own configuration.
     """
-    shown = repr(architecture)[:200]
+    shown = short_repr(architecture)
     if architecture == "cnn":
         raise ConfigMismatchError(
             f"{source}='cnn' describes the CNN generator, which NetworkConfig/PtychoPINNNetwork build, not the "
@@ -118,26 +120,26 @@ def refuse_architecture(architecture: Any, source: str) -> None:
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigMismatchError(f"{name} must be an int, got {type(value).__name__} {repr(value)[:200]}")
+        raise ConfigMismatchError(f"{name} must be an int, got {type(value).__name__} {short_repr(value)}")
     if value < minimum:
-        raise ConfigMismatchError(f"{name} must be >= {minimum}, got {value}")
+        raise ConfigMismatchError(f"{name} must be >= {minimum}, got {short_repr(value)}")
     limit = FNO_CONFIG_LIMITS.get(name)
     if limit is not None and value > limit:
         raise UnsupportedBundleError(
-            f"{name}={value} exceeds the largest value this loader builds ({limit}); such a network is far "
+            f"{name}={short_repr(value)} exceeds the largest value this loader builds ({limit}); such a network is far "
             "beyond anything upstream trains, and building it could exhaust memory"
         )
 
 
 @dataclass(frozen=True)
 class FnoNetworkConfig:
-    """Every knob that changes the state_dict or the numerics of an FNO-family ``forward_predict`` (spec §8.6).
+    """Every knob that changes the state_dict or the numerics of an FNO-family ``forward_predict`` (§8.6).
 
     Field names follow upstream's torch ``ModelConfig`` keys; ``C_model`` holds upstream's ``data_config['C']``
     (the channel count ``gridsize**2``, which the non-CNN cores are built from; upstream's ``model_config
     ['C_model']`` plays no role for them). The CNN knobs, ``amp_activation`` and the ``spectral_bottleneck_*``
-    keys have no influence on these networks (spec §8.1, §8.6) and are therefore not fields. Instances are
-    immutable and validated on construction.
+    keys have no influence on these networks (docs/bundle-format.md §8.1, §8.6) and are therefore not fields.
+    Instances are immutable and validated on construction.
     """
 
     N: int = 64
@@ -160,7 +162,7 @@ class FnoNetworkConfig:
             refuse_architecture(self.architecture, "architecture")
         if isinstance(self.N, bool) or not isinstance(self.N, int) or self.N not in SUPPORTED_PATCH_SIZES:
             raise ConfigMismatchError(
-                f"N={repr(self.N)[:200]} is not supported; supported patch sizes: "
+                f"N={short_repr(self.N)} is not supported; supported patch sizes: "
                 + ", ".join(map(str, SUPPORTED_PATCH_SIZES))
             )
         _check_int("C_model", self.C_model, 1)
@@ -178,29 +180,33 @@ class FnoNetworkConfig:
             )
         if self.fno_input_transform not in FNO_INPUT_TRANSFORMS:
             raise UnsupportedBundleError(
-                f"fno_input_transform={repr(self.fno_input_transform)[:200]} is not supported; expected one of "
+                f"fno_input_transform={short_repr(self.fno_input_transform)} is not supported; expected one of "
                 f"{FNO_INPUT_TRANSFORMS}"
             )
         if self.generator_output_mode not in GENERATOR_OUTPUT_MODES:
             raise UnsupportedBundleError(
-                f"generator_output_mode={repr(self.generator_output_mode)[:200]} is not supported; expected one "
+                f"generator_output_mode={short_repr(self.generator_output_mode)} is not supported; expected one "
                 f"of {GENERATOR_OUTPUT_MODES}"
             )
         if self.mode != "Unsupervised":
             raise UnsupportedBundleError(
-                f"mode={repr(self.mode)[:200]} with architecture={self.architecture!r}: only Unsupervised "
+                f"mode={short_repr(self.mode)} with architecture={self.architecture!r}: only Unsupervised "
                 "FNO-family models are supported (a Supervised neural-operator forward is not specified)"
             )
         if not isinstance(self.intensity_scale_trainable, bool):
             raise ConfigMismatchError(
-                f"intensity_scale_trainable must be bool, got {repr(self.intensity_scale_trainable)[:200]}"
+                f"intensity_scale_trainable must be bool, got {short_repr(self.intensity_scale_trainable)}"
             )
         scale = self.intensity_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise ConfigMismatchError(f"intensity_scale must be a number, got {repr(scale)[:200]}")
-        if self.intensity_scale_trainable and not (math.isfinite(scale) and scale > 0):
+            raise ConfigMismatchError(f"intensity_scale must be a number, got {short_repr(scale)}")
+        try:
+            finite_positive = math.isfinite(scale) and scale > 0
+        except OverflowError:  # an int beyond float range
+            finite_positive = False
+        if self.intensity_scale_trainable and not finite_positive:
             raise ConfigMismatchError(
-                f"intensity_scale={scale!r} with a trainable (fixed) input scale would multiply every input by "
+                f"intensity_scale={short_repr(scale)} with a trainable (fixed) input scale would multiply every input by "
                 "NaN, 0 or infinity; it must be a finite number > 0"
             )
 
@@ -233,10 +239,11 @@ def _value(section: Mapping[str, Any], key: str) -> Any:
 def fno_config_from_metadata(model_config: Mapping[str, Any], data_config: Mapping[str, Any]) -> FnoNetworkConfig:
     """Resolve an FNO-family network from ``torch_scaling_metadata.pt``'s ``model_config``/``data_config``.
 
-    Mirrors upstream's metadata-aware rebuild (spec §8.2, §8.6): the core is built from ``data_config['C']`` and
-    ``data_config['N']`` and the ``fno_*``/``generator_output_mode`` keys; missing keys take upstream's defaults.
+    Mirrors upstream's metadata-aware rebuild (docs/bundle-format.md §8.2, §8.6): the core is built from
+    ``data_config['C']`` and ``data_config['N']`` and the ``fno_*``/``generator_output_mode`` keys; missing keys
+    take upstream's defaults.
     The CNN knobs are ignored, as upstream ignores them. Checked here as well: ``physics_forward_mode=
-    'rectangular_scaled'`` needs the real/imag head (spec §8.1, role V).
+    'rectangular_scaled'`` needs the real/imag head (docs/bundle-format.md §8.1, role V).
 
     Raises:
         UnsupportedBundleError: an architecture, head, transform or mode this module does not build
@@ -251,30 +258,32 @@ def fno_config_from_metadata(model_config: Mapping[str, Any], data_config: Mappi
     if physics == "rectangular_scaled" and output_mode != "real_imag":
         raise ConfigMismatchError(
             f"physics_forward_mode='rectangular_scaled' requires real/imag output, but generator_output_mode="
-            f"{repr(output_mode)[:200]} (upstream refuses to construct this model)"
+            f"{short_repr(output_mode)} (upstream refuses to construct this model)"
         )
     scale = _value(model_config, "intensity_scale")
     if isinstance(scale, int) and not isinstance(scale, bool):
-        scale = float(scale)
-    try:
-        return FnoNetworkConfig(
-            N=_value(data_config, "N"),
-            C_model=_value(data_config, "C"),
-            architecture=architecture,
-            fno_modes=_value(model_config, "fno_modes"),
-            fno_width=_value(model_config, "fno_width"),
-            fno_blocks=_value(model_config, "fno_blocks"),
-            fno_cnn_blocks=_value(model_config, "fno_cnn_blocks"),
-            learned_input_channels=_value(model_config, "learned_input_channels"),
-            fno_input_transform=_value(model_config, "fno_input_transform"),
-            generator_output_mode=output_mode,
-            mode=_value(model_config, "mode"),
-            num_datasets=_value(model_config, "num_datasets"),
-            intensity_scale_trainable=_value(model_config, "intensity_scale_trainable"),
-            intensity_scale=scale,
-        )
-    except TypeError as exc:  # an unhashable value compared against a tuple of choices
-        raise ConfigMismatchError(f"torch_scaling_metadata.pt holds a wrongly typed value: {exc}"[:300]) from exc
+        try:
+            scale = float(scale)
+        except OverflowError:
+            raise ConfigMismatchError(
+                f"model_config['intensity_scale']={short_repr(scale)} is beyond the float range"
+            ) from None
+    return FnoNetworkConfig(
+        N=_value(data_config, "N"),
+        C_model=_value(data_config, "C"),
+        architecture=architecture,
+        fno_modes=_value(model_config, "fno_modes"),
+        fno_width=_value(model_config, "fno_width"),
+        fno_blocks=_value(model_config, "fno_blocks"),
+        fno_cnn_blocks=_value(model_config, "fno_cnn_blocks"),
+        learned_input_channels=_value(model_config, "learned_input_channels"),
+        fno_input_transform=_value(model_config, "fno_input_transform"),
+        generator_output_mode=output_mode,
+        mode=_value(model_config, "mode"),
+        num_datasets=_value(model_config, "num_datasets"),
+        intensity_scale_trainable=_value(model_config, "intensity_scale_trainable"),
+        intensity_scale=scale,
+    )
 
 
 def fno_model_config_fields(cfg: FnoNetworkConfig) -> dict[str, dict[str, Any]]:
@@ -331,7 +340,7 @@ def _complex_weights(*shape: int) -> nn.Parameter:
 
 
 def _transform_input(kind: str, x: torch.Tensor) -> torch.Tensor:
-    """The lifter's input transform (spec §8.6)."""
+    """The lifter's input transform (docs/bundle-format.md §8.6)."""
     if kind == "sqrt":
         return torch.sqrt(torch.clamp(x, min=0))
     if kind == "log1p":
@@ -643,7 +652,7 @@ def check_aliases_agree(config: FnoNetworkConfig, state_dict: Mapping[str, Any])
 class PtychoFnoNetwork(nn.Module):
     """An FNO-family ``diffraction_to_obj`` network: amplitudes ``(B, C, N, N)`` float32 -> complex64 patches.
 
-    ``forward(x, input_scale_factor)`` follows upstream's ``forward_predict`` (spec §8.4, §8.6): the input is
+    ``forward(x, input_scale_factor)`` follows upstream's ``forward_predict`` (§8.4, §8.6): the input is
     multiplied by the caller's per-sample factor, unless the model carries a trainable intensity scale, in which
     case ``exp(float32(ln intensity_scale))`` replaces it; then input transform, lifter, body and head. Call
     :meth:`eval` before inference, as for the CNN (these networks hold no running statistics, so train and eval
