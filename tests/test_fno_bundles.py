@@ -462,3 +462,55 @@ def test_fno_weights_under_cnn_configuration_are_named(small_bundles, upstream_d
     cnn_bundle = upstream_dir / "n64_g1_default" / "wts.h5.zip"
     edited = rewrite_bundle(cnn_bundle, tmp_path / "wts.h5.zip", replace={WEIGHTS: _members(path)[WEIGHTS]})
     refuses(edited, StateDictMismatchError, r"neural-operator generator weights .*describes the CNN")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lightning checkpoints of FNO-family models
+# ----------------------------------------------------------------------------------------------------------------
+def _fno_checkpoint(path, network, generator_output: str):
+    """A checkpoint shaped like upstream's training writes it (torch.save of the Lightning dict): the module's
+    state_dict (aliases sharing storage, complex64 spectral weights) and the four configs plus the five extras."""
+    from mlflow_ptycho_flavor.bundle.metadata import make_metadata
+
+    snapshot = params_module.make_params_snapshot({"N": network.config.N, "gridsize": network.config.gridsize})
+    configs = make_metadata(network.config, snapshot)
+    hyper = {name: configs[name] for name in ("model_config", "data_config", "training_config", "inference_config")}
+    hyper.update(generator_output=generator_output, generator_overrides={}, parity_scale_mode="off",
+                 parity_fixed_delta=0.0, parity_init_scheme="default")
+    torch.save({"epoch": 1, "global_step": 8, "pytorch-lightning_version": "2.6.6",
+                "state_dict": network.state_dict(), "optimizer_states": [], "lr_schedulers": [],
+                "hparams_name": "kwargs", "hyper_parameters": hyper}, path)
+    return path
+
+
+@pytest.mark.parametrize("architecture, output_mode, generator_output", [
+    ("ffno", "real_imag", "real_imag"),          # what upstream's trainer records for this head
+    ("ffno", "amp_phase_logits", "amp_phase"),   # Lightning's default
+    ("fno", "amp_phase", "amp_phase"),
+])
+def test_fno_checkpoint_converts_exactly(tmp_path, architecture, output_mode, generator_output):
+    from mlflow_ptycho_flavor.convert import convert_checkpoint
+
+    network = make_perturbed_fno_network(architecture=architecture, generator_output_mode=output_mode, C_model=4,
+                                         fno_width=6, fno_modes=4, fno_blocks=2, fno_cnn_blocks=1)
+    ckpt = _fno_checkpoint(tmp_path / "last.ckpt", network, generator_output)
+    bundle = convert_checkpoint(ckpt, tmp_path / "wts.h5.zip")
+    stored = _weights(bundle)
+    assert list(stored) == list(network.state_dict())
+    assert distinct_storages(stored) == len({id(p) for p in network.state_dict(keep_vars=True).values()})
+    loaded, _ = load_torch_bundle(bundle, device="cpu")
+    assert loaded.config == network.config
+    x = amplitudes(2, 4)
+    assert np.array_equal(_predict(loaded, x), _predict(network, x))
+
+
+def test_fno_checkpoint_with_a_foreign_generator_output_is_refused(tmp_path):
+    from mlflow_ptycho_flavor.convert import convert_checkpoint
+    from mlflow_ptycho_flavor.errors import UnsupportedCheckpointError
+
+    network = make_perturbed_fno_network(architecture="fno", generator_output_mode="amp_phase", fno_width=6,
+                                         fno_modes=4)
+    ckpt = _fno_checkpoint(tmp_path / "last.ckpt", network, "real_imag")
+    with pytest.raises(UnsupportedCheckpointError, match=r"generator_output'\]='real_imag' differs"):
+        convert_checkpoint(ckpt, tmp_path / "wts.h5.zip")
+    assert not (tmp_path / "wts.h5.zip").exists()

@@ -17,8 +17,9 @@ Reading is safe by construction (:func:`read_checkpoint`):
   (:class:`CheckpointLimits`);
 * ``data.pkl`` is first disassembled (which executes nothing and allocates no declared sizes), then unpickled
   by a restricted unpickler that resolves exactly the globals such checkpoints reference -
-  ``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage`` and
-  ``torch.LongStorage`` (fixture README, "Globals the pickle references") - to inert stand-ins: storages become
+  ``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2``, ``torch.FloatStorage``,
+  ``torch.LongStorage`` (fixture README, "Globals the pickle references") and, for the FNO family's complex64
+  spectral weights, ``torch.ComplexFloatStorage`` - to inert stand-ins: storages become
   references to ``data/<key>`` records and tensors become (storage, offset, size, stride) records. Any other
   global (``os.system``, ``pathlib.PosixPath``, a Lightning class) raises :class:`UnsafeCheckpointError`
   naming it, before anything is imported or called;
@@ -89,7 +90,7 @@ from mlflow_ptycho_flavor.errors import (
     UnsupportedCheckpointError,
     short_repr,
 )
-from mlflow_ptycho_flavor.network import NetworkConfig
+from mlflow_ptycho_flavor.network import FNO_ARCHITECTURES, AnyNetworkConfig
 
 __all__ = [
     "CHECKPOINT_ALLOWED_GLOBALS",
@@ -113,7 +114,12 @@ LIGHTNING_EXTRAS_DEFAULTS: dict[str, Any] = {
     "parity_init_scheme": "default",
 }
 
-_STORAGE_DTYPES: dict[str, torch.dtype] = {"FloatStorage": torch.float32, "LongStorage": torch.int64}
+#: Storage globals and their dtypes: float32 weights, int64 counters, complex64 spectral weights (FNO family, §8.6).
+_STORAGE_DTYPES: dict[str, torch.dtype] = {
+    "FloatStorage": torch.float32,
+    "LongStorage": torch.int64,
+    "ComplexFloatStorage": torch.complex64,
+}
 #: Every global the restricted unpickler resolves (module, name); nothing else is ever looked up.
 CHECKPOINT_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2")}
@@ -193,7 +199,7 @@ class LightningCheckpoint:
         with config_errors(f"{self.path.name} hyper_parameters"):
             return validate_metadata(metadata)
 
-    def network_config(self) -> NetworkConfig:
+    def network_config(self) -> AnyNetworkConfig:
         """The network the checkpoint's configs describe (raises like :meth:`bundle_metadata`, or names an
         architecture the metadata path does not build)."""
         metadata = self.bundle_metadata()
@@ -223,7 +229,8 @@ class _StandIn:
 
 
 class _StorageType(_StandIn):
-    """What ``torch.FloatStorage`` / ``torch.LongStorage`` resolve to: a dtype marker, never called."""
+    """What ``torch.FloatStorage`` / ``LongStorage`` / ``ComplexFloatStorage`` resolve to: a dtype marker, never
+    called."""
 
     __slots__ = ("name", "dtype")
 
@@ -354,7 +361,8 @@ class _CheckpointUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(
                 f"{self._source} references the global {str(module)[:80]}.{str(name)[:80]}, which a checkpoint of "
                 "upstream's training never needs (its pickle names only collections.OrderedDict, "
-                "torch._utils._rebuild_tensor_v2 and torch.FloatStorage/LongStorage); refused before anything was "
+                "torch._utils._rebuild_tensor_v2 and torch.FloatStorage/LongStorage/ComplexFloatStorage); refused "
+                "before anything was "
                 "imported or called. If you trust the file, load it with torch and save its state_dict and configs "
                 "with save_torch_bundle"
             )
@@ -691,9 +699,25 @@ def _check_checkpoint_era(ckpt: LightningCheckpoint) -> None:
         )
 
 
+def _fno_generator_output(model_config: Any) -> str | None:
+    """For an FNO-family checkpoint, the ``generator_output`` upstream's training records beside the default.
+
+    Upstream's trainer sets it to the core's head (``'amp_phase'`` for ``generator_output_mode='amp_phase'``, else
+    ``'real_imag'``); the rebuilt FNO core takes its head from ``model_config['generator_output_mode']`` alone
+    (upstream's own rebuild, with this extra at its default, reproduces real_imag ``ffno`` models bit for bit:
+    tests/data/upstream_fno/README.md), so that value is as faithful as the default.
+    """
+    if not isinstance(model_config, Mapping) or model_config.get("architecture") not in FNO_ARCHITECTURES:
+        return None
+    return "amp_phase" if model_config.get("generator_output_mode") == "amp_phase" else "real_imag"
+
+
 def _check_extras(ckpt: LightningCheckpoint) -> None:
     """Refuse Lightning hyper-parameters a bundle cannot carry (upstream's rebuild always uses their defaults)."""
     extras = {k: v for k, v in ckpt.hyper_parameters.items() if k not in CONFIG_KEYS}
+    fno_output = _fno_generator_output(ckpt.hyper_parameters.get("model_config"))
+    if fno_output is not None and extras.get("generator_output") == fno_output:
+        extras.pop("generator_output")
     unknown = sorted(str(k) for k in extras if k not in LIGHTNING_EXTRAS_DEFAULTS)
     if unknown:
         raise UnsupportedCheckpointError(
