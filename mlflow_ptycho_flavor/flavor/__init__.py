@@ -223,6 +223,7 @@ def save_model(
     mlflow_model: Model | None = None,
     metadata: dict[str, Any] | None = None,
     model_config: dict[str, Any] | None = None,
+    bundle_package: bool = True,
 ) -> None:
     """Save a PtychoPINN model as an MLflow model directory whose primary artifact is ``wts.h5.zip``.
 
@@ -247,6 +248,10 @@ def save_model(
         metadata: custom metadata stored in MLmodel.
         model_config: load-time options declared for ``pyfunc.load_model(..., model_config=...)``; ``device``
             is always declared.
+        bundle_package: store a wheel of this package (built from the code running now) as ``wheels/<wheel>``
+            and point the requirements at it (``--find-links wheels``), so an environment built from the model
+            alone installs it: the package is on no index. Pass False when the deployment can install
+            ``mlflow-ptycho-flavor`` from an index of its own.
 
     Raises:
         MlflowException: bad arguments (nothing is written) or an existing non-empty ``path``.
@@ -303,6 +308,7 @@ def save_model(
             conda_env=conda_env,
             pip_requirements=pip_requirements,
             extra_pip_requirements=extra_pip_requirements,
+            bundle_package=bundle_package,
         )
         _check_target(target)
 
@@ -324,6 +330,7 @@ def log_model(
     await_registration_for: int = _mlflow_env.DEFAULT_AWAIT_MAX_SLEEP_SECONDS,
     metadata: dict[str, Any] | None = None,
     model_config: dict[str, Any] | None = None,
+    bundle_package: bool = True,
     **kwargs: Any,
 ):
     """Log a PtychoPINN model (network, ``wts.h5.zip``, ``.ckpt`` or TF archive path) as an MLflow model; see
@@ -356,6 +363,7 @@ def log_model(
         await_registration_for=await_registration_for,
         metadata=metadata,
         model_config=model_config,
+        bundle_package=bundle_package,
         **kwargs,
     )
 

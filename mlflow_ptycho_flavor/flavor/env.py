@@ -2,8 +2,10 @@
 
 Wraps the ``mlflow.utils.*`` functions every built-in flavor uses to validate environment arguments, prepare
 the target directory, copy ``code_paths``, and write ``conda.yaml`` / ``python_env.yaml`` /
-``requirements.txt`` / ``constraints.txt``; and guards MLflow's scoring server against JSON nested too deeply for
-Python's decoder and against answers that echo the request (:func:`guard_scoring_server`).
+``requirements.txt`` / ``constraints.txt``; makes those requirements resolvable from the model directory alone
+by storing this package's wheel in it (:func:`write_environment_files`); and guards MLflow's scoring server
+against JSON nested too deeply for Python's decoder and against answers that echo the request
+(:func:`guard_scoring_server`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from mlflow.utils.environment import (
     _PYTHON_ENV_FILE_NAME,
     _REQUIREMENTS_FILE_NAME,
     _mlflow_conda_env,
+    _overwrite_pip_deps,
     _process_conda_env,
     _process_pip_requirements,
     _PythonEnv,
@@ -38,13 +41,18 @@ from mlflow.utils.model_utils import (
     _validate_and_copy_code_paths,
 )
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
+
+from mlflow_ptycho_flavor.flavor.package_wheel import PACKAGE_NAME, package_wheel
 
 __all__ = [
     "DEFAULT_AWAIT_MAX_SLEEP_SECONDS",
     "invalid_parameter",
     "CONDA_ENV_FILE_NAME",
     "PYTHON_ENV_FILE_NAME",
+    "WHEELS_DIR_NAME",
     "pinned_requirement",
     "default_pip_requirements",
     "default_conda_env",
@@ -63,7 +71,8 @@ _logger = logging.getLogger(__name__)
 
 CONDA_ENV_FILE_NAME = _CONDA_ENV_FILE_NAME
 PYTHON_ENV_FILE_NAME = _PYTHON_ENV_FILE_NAME
-PACKAGE_NAME = "mlflow-ptycho-flavor"
+#: Folder of the model directory holding this package's wheel (the name MLflow's own wheeled models use).
+WHEELS_DIR_NAME = "wheels"
 
 
 def invalid_parameter(message: str) -> MlflowException:
@@ -159,8 +168,28 @@ def write_environment_files(
     conda_env: Any,
     pip_requirements: Any,
     extra_pip_requirements: Any,
+    bundle_package: bool = True,
 ) -> list[str]:
-    """Write the environment files MLflow expects; returns the pip requirements written."""
+    """Write the environment files MLflow expects; returns the pip requirements written.
+
+    ``pip_requirements`` / ``extra_pip_requirements`` / ``conda_env`` behave as in ``mlflow.pytorch``. With
+    ``bundle_package`` (the default) this package's wheel is stored as ``wheels/<wheel>`` and the requirements
+    (``requirements.txt`` and ``conda.yaml``'s pip section) gain ``--find-links wheels``, plus the
+    ``mlflow-ptycho-flavor==<version>`` pin when the given requirements do not name the package (as MLflow adds
+    ``mlflow`` to a list that lacks it: the pyfunc loader module lives in this package).
+
+    Why ``--find-links`` and not a path line: pip resolves a relative ``--find-links`` inside a requirements file
+    against that file's folder, so the pin installs the bundled wheel however the file is used: by MLflow's
+    virtualenv/uv builders (which run pip inside a mirror of the model directory), by the Docker image
+    ``mlflow models generate-dockerfile`` writes (``pip install -r /opt/ml/model/requirements.txt`` from another
+    working directory), or by a user running ``pip install -r <model>/requirements.txt`` from anywhere. A plain
+    ``wheels/<file>.whl`` line resolves against the working directory only. The pin keeps its public version, so
+    ``pyfunc.load_model`` in the environment that saved the model reports no mismatch.
+
+    MLflow reuses a cached virtualenv when the requirement lines are unchanged, so a model saved after editing
+    this package without changing its version is served from an environment built for the earlier code when the
+    same ``MLFLOW_ENV_ROOT`` is reused; bump the version or use a fresh ``MLFLOW_ENV_ROOT``.
+    """
     if conda_env is None:
         default_reqs = default_pip_requirements() if pip_requirements is None else None
         conda_env, pip_reqs, pip_constraints = _process_pip_requirements(
@@ -168,6 +197,9 @@ def write_environment_files(
         )
     else:
         conda_env, pip_reqs, pip_constraints = _process_conda_env(conda_env)
+    if bundle_package and _store_package_wheel(path):
+        pip_reqs = _with_bundled_package(list(pip_reqs))
+        conda_env = _overwrite_pip_deps(conda_env, pip_reqs)
     with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as handle:
         yaml.safe_dump(conda_env, stream=handle, default_flow_style=False)
     if pip_constraints:
@@ -175,6 +207,39 @@ def write_environment_files(
     write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_reqs))
     _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
     return list(pip_reqs)
+
+
+def _store_package_wheel(path: str) -> bool:
+    """Write this package's wheel into ``path/wheels``; False (with a warning) when it cannot be built."""
+    wheel = package_wheel()
+    if wheel is None:
+        _logger.warning(
+            "%s is not installed as a distribution, so the model cannot carry its wheel and environments built "
+            "from the model (virtualenv/uv env managers, docker images) cannot install it. Install the package "
+            "(pip install -e <checkout>) or pass code_paths=[<path to mlflow_ptycho_flavor>].",
+            PACKAGE_NAME,
+        )
+        return False
+    wheel.write(os.path.join(path, WHEELS_DIR_NAME))
+    return True
+
+
+def _names_package(line: str) -> bool:
+    try:
+        return canonicalize_name(Requirement(line).name) == PACKAGE_NAME
+    except InvalidRequirement:  # options, file paths, URLs
+        return False
+
+
+def _with_bundled_package(pip_reqs: list[str]) -> list[str]:
+    """``--find-links wheels`` first, and the package's pin last unless a requirement already names it."""
+    find_links = f"--find-links {WHEELS_DIR_NAME}"
+    lines = [find_links, *(line for line in pip_reqs if line != find_links)]
+    if not any(_names_package(line) for line in lines):
+        pinned = pinned_requirement(PACKAGE_NAME)
+        if pinned is not None:
+            lines.append(pinned)
+    return lines
 
 
 _SCORING_SERVER = "mlflow.pyfunc.scoring_server"
