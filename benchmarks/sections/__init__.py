@@ -11,10 +11,11 @@ from types import ModuleType
 
 __all__ = ["ORDER", "DEFAULT", "section_module"]
 
-ORDER = ("predict", "load", "serving", "size", "scaling", "fast", "spark")
-DEFAULT = ("predict", "load", "serving", "size", "scaling")
+ORDER = ("predict", "load", "serving", "size", "scaling", "architectures", "fast", "spark")
+DEFAULT = ("predict", "load", "serving", "size", "scaling", "architectures")
 
 _MODULES = {"predict": "predict", "load": "load", "serving": "serving", "size": "size", "scaling": "scaling",
+            "architectures": "architectures",
             "fast": "fast_paths", "spark": "spark"}
 
 
