@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
 from benchmarks.records import Check, Ratio, Stats, Target  # noqa: E402
 from benchmarks.report import render_cell  # noqa: E402
 
-QUICK_SECTIONS = ["predict", "load", "serving", "size", "scaling", "fast"]
+QUICK_SECTIONS = ["predict", "load", "serving", "size", "scaling", "architectures", "fast"]
 REPEATS = 2  # --quick
 
 
