@@ -264,9 +264,10 @@ class FlavorUnavailableError(PtychoFlavorError, AttributeError):
     """
 
 
-class NonFiniteWeightsError(BundleError, ValueError):
+class NonFiniteWeightsError(CorruptBundleError, ValueError):
     """The weights hold NaN or infinite values: refused when saving and when loading (docs/bundle-format.md §5).
 
-    Such a network answers NaN for every input; ``allow_nonfinite=True`` (``save_torch_bundle``, ``read_bundle``,
-    ``load_torch_bundle``) lets them through for forensics.
+    Such a network predicts NaN for every input, so its weights count as damaged; ``allow_nonfinite=True``
+    (``save_torch_bundle``, ``write_bundle``, ``read_bundle``, ``load_torch_bundle``) lets them through for
+    forensics. A ``ValueError`` too, since at save time it is the caller's network that is refused.
     """
