@@ -282,28 +282,39 @@ def scan_pickle_structure(data: bytes, member: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # After unpickling: one walk of the decoded value
 # ----------------------------------------------------------------------------------------------------------------
+#: The one instance attribute a decoded container may carry: the module versions ``nn.Module.state_dict()`` records
+#: on the ``OrderedDict`` it returns (``torch.save`` keeps it; checkpoints hold such state_dicts).
+_ALLOWED_ATTRIBUTES = frozenset({"_metadata"})
+
+
 def _children(item: Any, member: str) -> Iterator[Any] | None:
     """The real contents of a container, read through the builtin types' own methods; None for a leaf.
 
     A pickle can BUILD attributes onto an ``OrderedDict`` (``items``, ``keys``, ``__iter__``...), which would make
-    ``item.items()`` show a walker whatever the pickle chose; such instance state is refused.
+    ``item.items()`` show a walker whatever the pickle chose; such instance state is refused, except
+    ``_metadata``, whose value is walked like the contents.
     """
     if isinstance(item, _CONTAINERS):
         state = getattr(item, "__dict__", None)  # a data descriptor of the type: the pickle cannot shadow it
+        extra: tuple[Any, ...] = ()
         if state:
-            article = "an" if type(item).__name__[:1] in "AEIOU" else "a"
-            raise UnsafeBundleError(
-                f"{member} holds {article} {type(item).__name__} carrying the instance attributes "
-                f"{short_repr([str(key)[:40] for key in itertools.islice(state, 5)])}, which plain data never has "
-                "(they could hide its contents from checks); refused"
-            )
+            foreign = [str(key)[:40] for key in itertools.islice(state, 64) if key not in _ALLOWED_ATTRIBUTES]
+            if foreign or len(state) > len(_ALLOWED_ATTRIBUTES):
+                article = "an" if type(item).__name__[:1] in "AEIOU" else "a"
+                raise UnsafeBundleError(
+                    f"{member} holds {article} {type(item).__name__} carrying the instance attributes "
+                    f"{short_repr(foreign[:5])}, which plain data never has (they could hide its contents from "
+                    "checks); refused"
+                )
+            extra = tuple(state.values())
         if isinstance(item, dict):
-            return itertools.chain.from_iterable(dict.items(item))
+            return itertools.chain(itertools.chain.from_iterable(dict.items(item)), extra)
         if isinstance(item, list):
-            return list.__iter__(item)
+            return itertools.chain(list.__iter__(item), extra)
         if isinstance(item, tuple):
-            return tuple.__iter__(item)
-        return set.__iter__(item) if isinstance(item, set) else frozenset.__iter__(item)
+            return itertools.chain(tuple.__iter__(item), extra)
+        members = set.__iter__(item) if isinstance(item, set) else frozenset.__iter__(item)
+        return itertools.chain(members, extra)
     if isinstance(item, slice):  # a slice holds three arbitrary objects
         return iter((item.start, item.stop, item.step))
     return None

@@ -44,6 +44,7 @@ from mlflow_ptycho_flavor.bundle.budget import MAX_DEPTH, check_plain_data, scan
 from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_error, short_message, short_repr
 
 __all__ = [
+    "check_plain_data",  # lives in .budget; re-exported for the readers that decode with this module
     "safe_loads",
     "unsafe_loading_allowed",
     "torch_load",
