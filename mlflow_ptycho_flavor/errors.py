@@ -8,7 +8,9 @@ message that names the cause and the fix. Nothing here imports MLflow; the flavo
 
 from __future__ import annotations
 
+import itertools
 import reprlib
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = [
@@ -33,28 +35,135 @@ __all__ = [
     "TensorFlowConversionError",
     "UnconvertibleInputError",
     "FlavorUnavailableError",
+    "NonFiniteWeightsError",
+    "MAX_QUOTED_CHARS",
     "short_repr",
+    "short_message",
+    "short_error",
 ]
 
-_REPR = reprlib.Repr()
+
+class _BoundedRepr(reprlib.Repr):
+    """``reprlib`` made safe for hostile values: bounded work as well as bounded output.
+
+    ``reprlib`` dispatches on the exact type name, so a ``dict``/``list`` subclass (``OrderedDict``), a ``slice`` or
+    ``bytes`` fall through to the builtin ``repr``, which walks everything (a "billion laughs" structure never
+    finishes); it also sorts dict keys and sets (work proportional to their size) and formats huge ints in full.
+    Here containers (and exceptions, whose repr is their arguments') are dispatched by ``isinstance`` and sliced
+    without sorting, bytes are cut before formatting, and huge ints are described by their size; anything else
+    (numbers, numpy and torch values, the unpickler's own records) has a bounded builtin ``repr``.
+    """
+
+    def repr1(self, x: Any, level: int) -> str:
+        for base, method in (
+            (str, self.repr_str), (bool, self.repr_instance), (int, self.repr_int), (bytes, self.repr_bytes),
+            (bytearray, self.repr_bytes), (dict, self.repr_dict), (list, self.repr_list),
+            (tuple, self.repr_tuple), (set, self.repr_set), (frozenset, self.repr_frozenset),
+            (slice, self.repr_slice), (BaseException, self.repr_exception),
+        ):
+            if isinstance(x, base):
+                return method(x, level)
+        return self.repr_instance(x, level)
+
+    def _items(self, items: Iterator[Any], size: int, level: int, left: str, right: str, limit: int) -> str:
+        if not size:
+            return left + right
+        if level <= 0:
+            return left + self.fillvalue + right
+        pieces = [self.repr1(item, level - 1) for item in itertools.islice(items, limit)]
+        if size > limit:
+            pieces.append(self.fillvalue)
+        return left + ", ".join(pieces) + right
+
+    # The builtin types' own iterators: a subclass's overridden __iter__ is never called.
+    def repr_list(self, x: Any, level: int) -> str:
+        return self._items(list.__iter__(x), len(x), level, "[", "]", self.maxlist)
+
+    def repr_tuple(self, x: Any, level: int) -> str:
+        text = self._items(tuple.__iter__(x), len(x), level, "(", ")", self.maxtuple)
+        return text[:-1] + ",)" if len(x) == 1 and level > 0 else text
+
+    def repr_set(self, x: Any, level: int) -> str:
+        return self._items(set.__iter__(x), len(x), level, "{", "}", self.maxset) if len(x) else "set()"
+
+    def repr_frozenset(self, x: Any, level: int) -> str:
+        if not len(x):
+            return "frozenset()"
+        return "frozenset(" + self._items(frozenset.__iter__(x), len(x), level, "{", "}", self.maxfrozenset) + ")"
+
+    def repr_dict(self, x: Any, level: int) -> str:
+        if not len(x):
+            return "{}"
+        if level <= 0:
+            return "{" + self.fillvalue + "}"
+        pieces = [
+            f"{self.repr1(key, level - 1)}: {self.repr1(value, level - 1)}"
+            for key, value in itertools.islice(dict.items(x), self.maxdict)
+        ]
+        if len(x) > self.maxdict:
+            pieces.append(self.fillvalue)
+        return "{" + ", ".join(pieces) + "}"
+
+    def repr_bytes(self, x: Any, level: int) -> str:
+        text = repr(bytes(x[: self.maxstring]))
+        return text + self.fillvalue if len(x) > self.maxstring else text
+
+    def repr_int(self, x: Any, level: int) -> str:
+        if x.bit_length() > 128:  # repr of a huge int is quadratic (and refused past 4300 digits)
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(int(x), level)
+
+    def repr_exception(self, x: Any, level: int) -> str:
+        return type(x).__name__ + self.repr_tuple(x.args, level)
+
+    def repr_slice(self, x: Any, level: int) -> str:
+        if level <= 0:
+            return f"slice({self.fillvalue})"
+        return f"slice({', '.join(self.repr1(part, level - 1) for part in (x.start, x.stop, x.step))})"
+
+
+_REPR = _BoundedRepr()
 _REPR.maxstring = 160
 _REPR.maxother = 160
 _REPR.maxlong = 40
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 10
 _REPR.maxlevel = 3
+
+#: Most characters :func:`short_repr` and :func:`short_error` return.
+MAX_QUOTED_CHARS = 300
 
 
 def short_repr(value: Any) -> str:
-    """A bounded ``repr`` for error messages: values from a hostile file can be huge or deeply nested.
+    """A bounded ``repr`` for error messages: values from a hostile file can be huge, deeply nested or shared.
 
-    At most a few hundred characters come out, whatever ``value`` is; a broken ``__repr__`` never replaces the
-    real error.
+    At most :data:`MAX_QUOTED_CHARS` characters come out, after work bounded by the output (no full walk, no
+    sorting, no formatting of huge ints), whatever ``value`` is; a broken ``__repr__`` never replaces the real
+    error.
     """
     try:
         text = _REPR.repr(value)
     except Exception:  # noqa: BLE001
         return f"<{type(value).__name__}>"
-    return text if len(text) <= 300 else text[:297] + "..."
+    return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
+
+
+def short_message(exc: BaseException) -> str:
+    """``str(exc)`` of an exception raised while decoding untrusted bytes, bounded like :func:`short_repr` (a
+    ``KeyError``'s message is the repr of its key, which may be anything; library messages may quote whole names)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = short_repr(exc.args[0])
+    else:
+        try:
+            text = str(exc)
+        except Exception:  # noqa: BLE001
+            text = ""
+    return text if len(text) <= MAX_QUOTED_CHARS else text[: MAX_QUOTED_CHARS - 3] + "..."
+
+
+def short_error(exc: BaseException) -> str:
+    """``"TypeName: message"`` with the message bounded by :func:`short_message`."""
+    text = short_message(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class PtychoFlavorError(Exception):
@@ -152,4 +261,13 @@ class FlavorUnavailableError(PtychoFlavorError, AttributeError):
 
     An ``AttributeError`` because it is raised on attribute access of the placeholder alias; the message names the
     import that failed and how to install what is missing. MLflow itself keeps working.
+    """
+
+
+class NonFiniteWeightsError(CorruptBundleError, ValueError):
+    """The weights hold NaN or infinite values: refused when saving and when loading (docs/bundle-format.md §5).
+
+    Such a network predicts NaN for every input, so its weights count as damaged; ``allow_nonfinite=True``
+    (``save_torch_bundle``, ``write_bundle``, ``read_bundle``, ``load_torch_bundle``) lets them through for
+    forensics. A ``ValueError`` too, since at save time it is the caller's network that is refused.
     """

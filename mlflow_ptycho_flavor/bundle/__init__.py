@@ -3,9 +3,10 @@
 Layers inside (each imports only those before it): :mod:`.identify` (what a file or folder is, from bounded
 reads: bundle, TensorFlow archive, Lightning checkpoint, bare state_dict, MLflow model directory, dataset),
 :mod:`.archive` (bounded zip reader and writer; its refusals name what a foreign file is),
-:mod:`.unpickle` (restricted decoding of pickled members), :mod:`.params` (the legacy ``params.cfg`` snapshot and
-CONFIG-001), :mod:`.metadata` (``torch_scaling_metadata.pt`` <-> network config), :mod:`.compat` (eras and the
-fit check), :mod:`.io` (``read_bundle`` / ``load_torch_bundle`` / ``save_torch_bundle``).
+:mod:`.budget` (bounded work on untrusted pickles and decoded values), :mod:`.unpickle` (restricted decoding of
+pickled members), :mod:`.params` (the legacy ``params.cfg`` snapshot and CONFIG-001), :mod:`.metadata`
+(``torch_scaling_metadata.pt`` <-> network config), :mod:`.compat` (eras and the fit check), :mod:`.io`
+(``read_bundle`` / ``load_torch_bundle`` / ``save_torch_bundle``).
 """
 
 from mlflow_ptycho_flavor.bundle.archive import (

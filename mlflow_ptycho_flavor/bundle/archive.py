@@ -2,15 +2,22 @@
 
 The reader never extracts to disk and never writes anything: it opens regular files only (no FIFOs, devices or
 directories), reads named members into memory with size caps, and refuses path tricks, symlinks, duplicate
-names, encrypted members and zip bombs. The writer produces byte-identical archives for identical members
-(fixed timestamps and modes) through the package's one atomic writer.
+names, encrypted members and zip bombs. No cap trusts a number the archive declares: the central directory's
+entry count and size are checked from the end-of-central-directory record before ``zipfile`` parses a single
+entry, the compression ratio is computed against the bytes a member really occupies in the file (not its declared
+compressed size), and members are inflated through a reader that stops at the cap. A zip nested in a member (the
+torch zip inside ``model.pth``) gets the same checks (:func:`check_nested_zip`). The writer produces
+byte-identical archives for identical members (fixed timestamps and modes) through the package's one atomic
+writer, and refuses to write an archive the reader would refuse (:func:`size_problem`).
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import os
 import stat
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,8 @@ from mlflow_ptycho_flavor.errors import (
     TensorFlowBundleError,
     UnsafeBundleError,
     UnsupportedBundleError,
+    short_error,
+    short_message,
     short_repr,
 )
 
@@ -35,12 +44,25 @@ __all__ = [
     "looks_like_bundle_path",
     "ArchiveReader",
     "not_a_bundle_error",
+    "check_nested_zip",
     "resolve_bundle_path",
+    "size_problem",
     "write_zip",
 ]
 
 BUNDLE_FILE_NAME = "wts.h5.zip"
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+#: Central-directory bytes allowed per member the limits allow (an entry is 46 bytes plus its name and extras;
+#: bundle names are a few dozen characters).
+_DIRECTORY_BYTES_PER_ENTRY = 1024
+_READ_CHUNK = 1 << 20
+#: Largest directory a refused archive may have for the refusal to identify what the file is (identification
+#: parses it); foreign files that reach the bundle reader (checkpoints, TensorFlow archives) list a few hundred.
+_IDENTIFIABLE_ENTRIES = 4096
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 
 @dataclass(frozen=True)
@@ -89,6 +111,153 @@ def resolve_bundle_path(path: PathLike, *, for_writing: bool = False) -> Path:
     if for_writing or not p.exists():
         return p.with_name(p.name + ".zip")
     return p
+
+
+def _directory_extent(handle: io.BufferedIOBase | io.BytesIO) -> tuple[int, int] | None:
+    """``(entries, directory bytes)`` from the end-of-central-directory record (zip64 when present), found the way
+    ``zipfile`` finds it, reading at most the last 64 KiB; None when there is none (``zipfile`` then says why)."""
+    handle.seek(0, os.SEEK_END)
+    file_size = handle.tell()
+    tail_start = max(file_size - (1 << 16) - _EOCD.size, 0)
+    handle.seek(tail_start)
+    tail = handle.read()
+    if len(tail) >= _EOCD.size and tail[-_EOCD.size:-_EOCD.size + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+        start = len(tail) - _EOCD.size
+    else:
+        start = tail.rfind(b"PK\x05\x06")
+        if start < 0 or len(tail) - start < _EOCD.size:
+            return None
+    fields = _EOCD.unpack_from(tail, start)
+    entries, directory_bytes = fields[4], fields[5]
+    locator_at = tail_start + start - _EOCD64_LOCATOR.size
+    if locator_at - _EOCD64.size >= 0:
+        handle.seek(locator_at)
+        locator = handle.read(_EOCD64_LOCATOR.size)
+        if len(locator) == _EOCD64_LOCATOR.size and locator[:4] == b"PK\x06\x07":
+            handle.seek(locator_at - _EOCD64.size)
+            record = handle.read(_EOCD64.size)
+            if len(record) == _EOCD64.size and record[:4] == b"PK\x06\x06":
+                zip64 = _EOCD64.unpack(record)
+                entries, directory_bytes = zip64[7], zip64[8]
+    return entries, directory_bytes
+
+
+def _directory_problem(
+    handle: io.BufferedIOBase | io.BytesIO, where: str, max_entries: int, usual: str
+) -> tuple[str | None, tuple[int, int] | None]:
+    """Why a central directory is too large to parse cheaply (or None), and its ``(entries, bytes)`` (None when
+    there is no end record: then no reader parses anything).
+
+    Read from the end record the way ``zipfile`` reads it (:func:`_directory_extent`), before ``zipfile`` (or torch)
+    parses anything: ``zipfile`` builds one ``ZipInfo`` per entry until it has consumed the directory size the end
+    record declares, so a million entries cost seconds and hundreds of megabytes before any count could be checked.
+    """
+    extent = _directory_extent(handle)
+    handle.seek(0)
+    if extent is None:
+        return None, None
+    entries, directory_bytes = extent
+    if entries > max_entries:
+        return (
+            f"{where} lists {entries} members (limit {max_entries}); {usual} - refused before its central "
+            "directory is parsed"
+        ), extent
+    if directory_bytes > max_entries * _DIRECTORY_BYTES_PER_ENTRY:
+        return (
+            f"{where} has a central directory of {directory_bytes} bytes, more than {max_entries} entries can need "
+            f"({max_entries * _DIRECTORY_BYTES_PER_ENTRY}); refused before parsing it"
+        ), extent
+    return None, extent
+
+
+def size_problem(name: str, size: int, compressed: int, limits: BundleLimits, *, genuine_bytes: int = 0) -> str | None:
+    """Why a member of ``size`` bytes occupying ``compressed`` bytes of the file breaks ``limits``, or None.
+
+    The one rule the reader applies before inflating a member and the writer applies before publishing a bundle.
+    The compression-ratio cap applies to the bytes beyond ``max(limits.ratio_floor_bytes, genuine_bytes)``:
+    ``genuine_bytes`` is what the member can legitimately hold (for ``model.pth``: what the configured network's
+    weights need), so a zero-initialised network, which deflates ~1000:1, is not taken for a zip bomb.
+    """
+    if size > limits.max_member_bytes:
+        return (
+            f"member {short_repr(name)} expands to {size} bytes, over the per-member cap of "
+            f"{limits.max_member_bytes} (BundleLimits.max_member_bytes)"
+        )
+    if size >= limits.ratio_floor_bytes and size > genuine_bytes:
+        ratio = size / max(compressed, 1)
+        if ratio > limits.max_compression_ratio:
+            return (
+                f"member {short_repr(name)} has a compression ratio of {ratio:.0f}:1, over the cap of "
+                f"{limits.max_compression_ratio:.0f}:1 (a zip bomb?); raise BundleLimits.max_compression_ratio "
+                "if the file is trusted"
+            )
+    return None
+
+
+def _occupied_bytes(handle: io.BufferedIOBase | io.BytesIO, info: zipfile.ZipInfo, end: int) -> int:
+    """Bytes of compressed data ``info`` really has in the file: from its data start to the next structure
+    (``end``: the next local header or the central directory), never more than it declares."""
+    if info.header_offset < 0:  # a directory offset pointing before the file: zipfile reports it when reading
+        return 0
+    handle.seek(info.header_offset)
+    header = handle.read(_LOCAL_HEADER.size)
+    if len(header) != _LOCAL_HEADER.size:
+        return 0
+    fields = _LOCAL_HEADER.unpack(header)
+    data_start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+    return max(0, min(info.compress_size, end - data_start))
+
+
+def _extents(
+    handle: io.BufferedIOBase | io.BytesIO, infos: list[zipfile.ZipInfo], directory_start: int
+) -> dict[str, int]:
+    """:func:`_occupied_bytes` of every entry (the end of each is the next header offset above it)."""
+    offsets = sorted({info.header_offset for info in infos} | {directory_start})
+    result = {}
+    for info in infos:
+        following = bisect.bisect_right(offsets, info.header_offset)
+        end = offsets[following] if following < len(offsets) else directory_start
+        result[info.filename] = _occupied_bytes(handle, info, end)
+    return result
+
+
+def check_nested_zip(data: bytes, member: str, *, max_inflated_bytes: int, max_entries: int) -> None:
+    """Check a zip held in a member (torch's format inside ``model.pth``) before another reader parses it.
+
+    Refused: a central directory over ``max_entries`` entries; encrypted records; stored records whose declared
+    size differs from what they occupy; and records whose inflated sizes add up to more than
+    ``max_inflated_bytes``, which torch's reader would allocate (its records may be deflated like any zip's).
+
+    Raises:
+        UnsafeBundleError: over a cap. CorruptBundleError: not a readable zip.
+    """
+    handle = io.BytesIO(data)
+    problem, extent = _directory_problem(handle, member, max_entries, "a torch file has one per tensor plus six")
+    if problem:
+        raise UnsafeBundleError(problem)
+    if extent is None:
+        return  # no end record: torch's reader finds no directory either and refuses the file
+    try:
+        with zipfile.ZipFile(handle) as nested:
+            infos = nested.infolist()
+            occupied = _extents(handle, infos, nested.start_dir)
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError) as exc:
+        raise CorruptBundleError(f"{member} is not a valid torch file: {short_error(exc)}") from exc
+    total = 0
+    for info in infos:
+        if info.flag_bits & 0x1:
+            raise UnsupportedBundleError(f"{member} holds the encrypted record {short_repr(info.filename)}")
+        if info.compress_type == zipfile.ZIP_STORED and occupied[info.filename] != info.file_size:
+            raise CorruptBundleError(
+                f"{member}: the stored record {short_repr(info.filename)} declares {info.file_size} bytes but "
+                f"occupies {occupied[info.filename]}; the file is damaged"
+            )
+        total += info.file_size
+    if total > max_inflated_bytes:
+        raise UnsafeBundleError(
+            f"{member}'s records expand to {total} bytes, more than the {max_inflated_bytes} it can genuinely "
+            "need (records deflated inside the torch file: a zip bomb?); refused before torch reads them"
+        )
 
 
 def _check_member_name(name: str) -> None:
@@ -143,8 +312,17 @@ class ArchiveReader:
         self._file: BinaryIO = io.BytesIO(data) if data is not None else self._open_regular_file(path)
         try:
             head = self._file.read(4)
-            self._file.seek(0)
+            problem, extent = _directory_problem(self._file, str(path), limits.max_members, "a bundle has 6")
+            if problem:
+                # A foreign file with a modest directory (a Lightning checkpoint: hundreds of records) is named for
+                # what it is; identifying parses that directory, so a huge one is refused as it stands.
+                entries, directory_bytes = extent
+                small = entries <= _IDENTIFIABLE_ENTRIES and directory_bytes <= _IDENTIFIABLE_ENTRIES * 1024
+                raise self.refusal(problem, UnsafeBundleError) if small else UnsafeBundleError(problem)
             self._zip = zipfile.ZipFile(self._file, "r")
+        except BundleError:
+            self._file.close()
+            raise
         except zipfile.BadZipFile as exc:
             self._file.close()
             hint = (
@@ -153,14 +331,13 @@ class ArchiveReader:
                 else "a PtychoPINN bundle is a wts.h5.zip written by save_torch_bundle or upstream's model manager - "
                 "check the path"
             )
-            raise self.refusal(f"{path} is not a zip archive ({exc}); {hint}", NotABundleError) from exc
+            raise self.refusal(f"{path} is not a zip archive ({short_message(exc)}); {hint}", NotABundleError) from exc
         except Exception as exc:  # noqa: BLE001 - zipfile parsing untrusted bytes: anything is "damaged"
             self._file.close()
-            raise CorruptBundleError(
-                f"{path} cannot be read as a zip archive: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise CorruptBundleError(f"{path} cannot be read as a zip archive: {short_error(exc)}") from exc
         try:
             self._infos = self._index()
+            self._occupied = _extents(self._file, list(self._infos.values()), self._zip.start_dir)
         except BaseException:
             self.close()
             raise
@@ -181,7 +358,7 @@ class ArchiveReader:
         except IsADirectoryError as exc:
             raise NotABundleError(f"{path} is a directory, not a wts.h5.zip archive") from exc
         except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-            raise NotABundleError(f"{short_repr(str(path))} cannot be opened: {exc}") from exc
+            raise NotABundleError(f"{short_repr(str(path))} cannot be opened: {short_message(exc)}") from exc
 
     def _index(self) -> dict[str, zipfile.ZipInfo]:
         infos = self._zip.infolist()
@@ -195,12 +372,12 @@ class ArchiveReader:
             _check_member_name(info.filename)
             if info.filename in index:
                 raise UnsafeBundleError(
-                    f"{self.path} holds the member {info.filename!r} twice; which copy a reader sees would be "
-                    "ambiguous, so the archive is refused"
+                    f"{self.path} holds the member {short_repr(info.filename)} twice; which copy a reader sees "
+                    "would be ambiguous, so the archive is refused"
                 )
             mode = (info.external_attr >> 16) & 0xFFFF
             if stat.S_ISLNK(mode):
-                raise UnsafeBundleError(f"{self.path}: member {info.filename!r} is a symbolic link; refused")
+                raise UnsafeBundleError(f"{self.path}: member {short_repr(info.filename)} is a symbolic link; refused")
             index[info.filename] = info
         return index
 
@@ -214,53 +391,61 @@ class ArchiveReader:
     def size(self, name: str) -> int:
         return self._infos[name].file_size
 
-    def read(self, name: str) -> bytes:
+    def read(self, name: str, *, genuine_bytes: int = 0) -> bytes:
+        """The member's bytes, inflated through a reader that stops at the caps whatever the headers declare.
+
+        Args:
+            name: the member.
+            genuine_bytes: what the member can legitimately hold (see :func:`size_problem`).
+        """
         info = self._infos.get(name)
         if info is None:
             raise CorruptBundleError(
-                f"{self.path} lacks the member {short_repr(name)}; members present: {sorted(self._infos)}"
+                f"{self.path} lacks the member {short_repr(name)}; members present: {short_repr(sorted(self._infos))}"
             )
         limits = self.limits
-        if info.file_size > limits.max_member_bytes:
-            raise UnsafeBundleError(
-                f"member {short_repr(name)} expands to {info.file_size} bytes, over the per-member cap of "
-                f"{limits.max_member_bytes} (BundleLimits.max_member_bytes)"
-            )
+        problem = size_problem(name, info.file_size, self._occupied[name], limits, genuine_bytes=genuine_bytes)
+        if problem:
+            raise UnsafeBundleError(problem)
         if self._total + info.file_size > limits.max_total_bytes:
             raise UnsafeBundleError(
                 f"members read so far expand past the total cap of {limits.max_total_bytes} bytes "
                 "(BundleLimits.max_total_bytes)"
             )
-        if info.file_size >= limits.ratio_floor_bytes:
-            ratio = info.file_size / max(info.compress_size, 1)
-            if ratio > limits.max_compression_ratio:
-                raise UnsafeBundleError(
-                    f"member {short_repr(name)} has a compression ratio of {ratio:.0f}:1, over the cap of "
-                    f"{limits.max_compression_ratio:.0f}:1 (a zip bomb?); raise BundleLimits.max_compression_ratio "
-                    "if the file is trusted"
-                )
         if info.flag_bits & 0x1:
             raise UnsupportedBundleError(
                 f"member {short_repr(name)} of {self.path} is encrypted; bundles are never encrypted, so it is not read"
             )
+        chunks = []
+        received = 0
         try:
-            # zipfile stops at the declared size and checks the CRC, so memory is bounded by the caps above.
+            # zipfile checks the CRC at the end; the loop stops one byte past the declared (capped) size itself.
             with self._zip.open(info) as handle:
-                data = handle.read(info.file_size + 1)
+                while received <= info.file_size:
+                    chunk = handle.read(min(_READ_CHUNK, info.file_size + 1 - received))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    received += len(chunk)
         except zipfile.BadZipFile as exc:
-            raise CorruptBundleError(f"member {short_repr(name)} of {self.path} is damaged: {exc}") from exc
+            raise CorruptBundleError(
+                f"member {short_repr(name)} of {self.path} is damaged: {short_message(exc)}"
+            ) from exc
         except NotImplementedError as exc:
-            raise UnsupportedBundleError(f"member {short_repr(name)} uses an unsupported zip feature: {exc}") from exc
+            raise UnsupportedBundleError(
+                f"member {short_repr(name)} uses an unsupported zip feature: {short_message(exc)}"
+            ) from exc
         except Exception as exc:  # noqa: BLE001 - zlib/bz2/lzma/struct errors on untrusted bytes: damaged
             raise CorruptBundleError(
-                f"member {short_repr(name)} of {self.path} cannot be decompressed: {type(exc).__name__}: {exc}"
+                f"member {short_repr(name)} of {self.path} cannot be decompressed: {short_error(exc)}"
             ) from exc
-        if len(data) != info.file_size:
+        if received != info.file_size:
             raise CorruptBundleError(
-                f"member {short_repr(name)} of {self.path} decompressed to {len(data)} bytes, header says {info.file_size}"
+                f"member {short_repr(name)} of {self.path} decompressed to {received} bytes, header says "
+                f"{info.file_size}"
             )
-        self._total += len(data)
-        return data
+        self._total += received
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def close(self) -> None:
         try:
@@ -279,17 +464,46 @@ def _zip_info(name: str) -> zipfile.ZipInfo:
 
 
 def write_zip(
-    target: PathLike, members: list[tuple[str, bytes]], *, verify: Callable[[Path], Any] | None = None
+    target: PathLike,
+    members: list[tuple[str, bytes]],
+    *,
+    verify: Callable[[Path], Any] | None = None,
+    limits: BundleLimits | None = None,
+    genuine_bytes: dict[str, int] | None = None,
 ) -> Path:
     """Write ``members`` (name, bytes) as a zip archive at ``target``, atomically and deterministically.
 
-    ``verify`` (e.g. the bundle reader) is called on the finished temporary file; if it raises, ``target`` is
-    left as it was.
+    With ``limits``, the archive is checked before it replaces ``target`` with the rules :class:`ArchiveReader`
+    applies (:func:`size_problem`, ``genuine_bytes`` per member), so nothing is published that the reader would
+    refuse. ``verify`` (e.g. the bundle reader) is then called on the finished temporary file; if it raises,
+    ``target`` is left as it was.
+
+    Raises:
+        UnsafeBundleError: the archive breaks ``limits``; nothing was written.
     """
 
     def write(handle) -> None:
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name, data in members:
                 archive.writestr(_zip_info(name), data)
+            if limits is not None:
+                _check_written(archive.infolist(), limits, genuine_bytes or {})
 
     return atomic_write(target, write, verify=verify)
+
+
+def _check_written(infos: list[zipfile.ZipInfo], limits: BundleLimits, genuine_bytes: dict[str, int]) -> None:
+    problems = [
+        size_problem(i.filename, i.file_size, i.compress_size, limits, genuine_bytes=genuine_bytes.get(i.filename, 0))
+        for i in infos
+    ]
+    if len(infos) > limits.max_members:
+        problems.append(f"{len(infos)} members, over BundleLimits.max_members={limits.max_members}")
+    if sum(i.file_size for i in infos) > limits.max_total_bytes:
+        problems.append(f"members expand past the total cap of {limits.max_total_bytes} bytes")
+    problems = [p for p in problems if p]
+    if problems:
+        raise UnsafeBundleError(
+            f"the bundle being written would be refused by read_bundle with these limits ({'; '.join(problems)}); "
+            "nothing was written"
+        )

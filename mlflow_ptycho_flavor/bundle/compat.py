@@ -4,15 +4,17 @@ Upstream's architecture eras (docs/bundle-format.md §3.6) and variants (§8.6.6
 name; the weights are checked against the configured network built on the ``meta`` device (keys, shapes, dtypes,
 alias agreement, and the bytes the member really holds) before anything real is allocated (§5), and must be finite;
 strict-load failures are reported as one :class:`~mlflow_ptycho_flavor.errors.StateDictMismatchError` listing the
-first differences.
+first differences. The meta layout also says how many bytes ``model.pth`` can genuinely hold
+(:attr:`Layout.genuine_file_bytes`), which the reader uses instead of the compression-ratio cap; layouts are cached
+only for configurations whose weights passed the fit check.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -24,8 +26,11 @@ from mlflow_ptycho_flavor.errors import (
     BundleError,
     ConfigMismatchError,
     CorruptBundleError,
+    NonFiniteWeightsError,
     StateDictMismatchError,
+    UnsafeBundleError,
     UnsupportedBundleError,
+    short_message,
     short_repr,
 )
 from mlflow_ptycho_flavor.network import AnyNetworkConfig, FnoNetworkConfig, build_network
@@ -39,6 +44,11 @@ __all__ = [
     "check_finite_weights",
     "detect_era",
     "expected_layout",
+    "expected_weight_bytes",
+    "genuine_file_bytes",
+    "network_layout",
+    "Layout",
+    "LAYOUT_CACHE_SIZE",
     "stored_bytes",
     "strict_load",
 ]
@@ -54,7 +64,7 @@ def config_errors(source: str) -> Iterator[None]:
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, ZeroDivisionError, RuntimeError,
             MemoryError, RecursionError) as exc:
         raise ConfigMismatchError(
-            f"{source}: invalid configuration value ({type(exc).__name__}: {str(exc)[:300]})"
+            f"{source}: invalid configuration value ({type(exc).__name__}: {short_message(exc)})"
         ) from exc
 
 
@@ -73,11 +83,25 @@ def stored_bytes(state_dict: Mapping[str, Any]) -> int:
 
 
 def check_state_dict_values(state_dict: Any, member: str) -> None:
+    """Refuse anything but a dict of dense CPU tensors, and Python attributes a pickle set on the dict or its
+    tensors (torch's unpickler lets ``BUILD`` fill an ``OrderedDict``'s ``__dict__`` and a parameter's state): an
+    attribute named ``items`` or ``is_floating_point`` would make the checks below see what the pickle chose.
+    ``_metadata``, the module versions ``state_dict()`` records, is the one attribute a genuine state_dict has."""
     if not isinstance(state_dict, Mapping) or not all(isinstance(k, str) for k in state_dict):
         raise CorruptBundleError(f"{member} must hold a state_dict (a dict of tensors)")
+    attributes = [name for name in getattr(state_dict, "__dict__", {}) if name != "_metadata"]
+    attributes += [
+        f"{key}.{name}" for key, value in dict.items(state_dict) if isinstance(value, torch.Tensor)
+        for name in getattr(value, "__dict__", {})
+    ]
+    if attributes:
+        raise UnsafeBundleError(
+            f"{member} sets the Python attributes {short_repr(attributes[:5])} on its state_dict or tensors, which "
+            "a saved state_dict never has (they could hide its contents from checks); refused"
+        )
     if "_sentinel" in state_dict:
         raise CorruptBundleError(f"{member} is a weightless sentinel; the bundle has no trained network")
-    for key, value in state_dict.items():
+    for key, value in dict.items(state_dict):
         if not isinstance(value, torch.Tensor):
             continue  # reported with the key/shape diff (StateDictMismatchError)
         if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
@@ -186,66 +210,145 @@ def raise_mismatch(problems: list[str]) -> None:
     )
 
 
-@functools.lru_cache(maxsize=32)
+#: Most layouts kept in memory (one per distinct configuration whose weights passed :func:`check_fits`).
+LAYOUT_CACHE_SIZE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The state_dict a configuration describes, built on the ``meta`` device (no memory allocated).
+
+    Attributes:
+        tensors: meta tensors by key (shapes, dtypes), as ``state_dict()`` returns them.
+        weight_bytes: bytes of the distinct weight tensors (an alias key of the FNO family, §8.6.5, counts once).
+    """
+
+    tensors: "OrderedDict[str, torch.Tensor]"
+    weight_bytes: int
+
+    @property
+    def genuine_file_bytes(self) -> int:
+        """Most bytes a genuine ``model.pth`` of this layout holds (:func:`genuine_file_bytes`)."""
+        return genuine_file_bytes(self.weight_bytes, len(self.tensors))
+
+
+_layout_cache: "OrderedDict[AnyNetworkConfig, Layout]" = OrderedDict()
+_layout_lock = threading.Lock()
+
+
+def genuine_file_bytes(weight_bytes: int, tensor_count: int) -> int:
+    """Most bytes a genuine torch file of ``tensor_count`` tensors holding ``weight_bytes`` bytes has: the weights
+    plus torch's zip framing (data.pkl, one header and up to 64 bytes of alignment per record; generous)."""
+    return weight_bytes + 64 * 1024 + 1024 * tensor_count
+
+
+def _layout_key(config: AnyNetworkConfig) -> AnyNetworkConfig:
+    # The input scale changes no tensor: every scale shares one layout.
+    return dataclasses.replace(config, intensity_scale_trainable=False)
+
+
+def network_layout(config: AnyNetworkConfig) -> Layout:
+    """The :class:`Layout` of a configuration.
+
+    Served from a small cache (:data:`LAYOUT_CACHE_SIZE`) that holds only configurations whose weights passed
+    :func:`check_fits`: a refused bundle's configuration, however odd, leaves nothing behind. Otherwise built on
+    the ``meta`` device.
+
+    Raises:
+        ConfigMismatchError: the configuration cannot be built.
+    """
+    key = _layout_key(config)
+    with _layout_lock:
+        cached = _layout_cache.get(key)
+        if cached is not None:
+            _layout_cache.move_to_end(key)
+            return cached
+    with config_errors("the bundle's network configuration"), torch.device("meta"):
+        tensors = build_network(key).state_dict(keep_vars=True)
+    distinct = {id(t): t for t in tensors.values()}.values()
+    return Layout(
+        OrderedDict((k, v.detach()) for k, v in tensors.items()), sum(tensor_bytes(t) for t in distinct)
+    )
+
+
+def _remember_layout(config: AnyNetworkConfig, layout: Layout) -> None:
+    key = _layout_key(config)
+    with _layout_lock:
+        _layout_cache[key] = layout
+        _layout_cache.move_to_end(key)
+        while len(_layout_cache) > LAYOUT_CACHE_SIZE:
+            _layout_cache.popitem(last=False)
+
+
 def expected_layout(config: AnyNetworkConfig) -> "OrderedDict[str, torch.Tensor]":
-    """The state_dict layout (meta tensors: keys, shapes, dtypes) of a configuration, built once per process."""
-    with torch.device("meta"):
-        return build_network(config).state_dict()
+    """The state_dict layout (meta tensors: keys, shapes, dtypes) of a configuration (:func:`network_layout`)."""
+    return network_layout(config).tensors
 
 
-@functools.lru_cache(maxsize=32)
 def expected_weight_bytes(config: AnyNetworkConfig) -> int:
     """Bytes of the configuration's distinct weight tensors: an alias key (FNO family, §8.6.5) counts once."""
-    with torch.device("meta"):
-        tensors = build_network(config).state_dict(keep_vars=True)
-    return sum(tensor_bytes(t) for t in {id(t): t for t in tensors.values()}.values())
+    return network_layout(config).weight_bytes
 
 
-def check_fits(config: AnyNetworkConfig, state_dict: Mapping[str, Any], stored_bytes: int) -> None:
+def check_fits(
+    config: AnyNetworkConfig, state_dict: Mapping[str, Any], stored_bytes: int, layout: Layout | None = None
+) -> None:
     """Check the weights against the configured network built on the ``meta`` device (allocates nothing).
 
     A hostile configuration (``n_filters_scale=10**6``, ``gridsize=300``) would otherwise allocate without bound
     before the strict load could object, and stride-0 "expanded" tensors could match any shape from a few bytes:
     the network's distinct weight bytes must also fit in the bytes the member actually holds. For the FNO family
-    the alias keys of one tensor must hold equal values (§8.6.5).
+    the alias keys of one tensor must hold equal values (§8.6.5). ``layout``: :func:`network_layout` of ``config``
+    when the caller already has it. Only a configuration that passes is cached.
     """
-    with config_errors("the bundle's network configuration"):
-        layout_config = dataclasses.replace(config, intensity_scale_trainable=False)
-        expected = expected_layout(layout_config)
-        needed = expected_weight_bytes(layout_config)
-    problems = state_dict_problems(expected, state_dict)
+    layout = network_layout(config) if layout is None else layout
+    problems = state_dict_problems(layout.tensors, state_dict)
     if problems:
         raise_mismatch(problems)
-    if needed > stored_bytes:
+    if layout.weight_bytes > stored_bytes:
         raise StateDictMismatchError(
-            f"the configured network needs {needed} bytes of weights but diffraction_to_obj/model.pth holds only "
-            f"{stored_bytes}: its tensors are expanded views, not stored weights; refused"
+            f"the configured network needs {layout.weight_bytes} bytes of weights but diffraction_to_obj/model.pth "
+            f"holds only {stored_bytes}: its tensors are expanded views, not stored weights; refused"
         )
     if isinstance(config, FnoNetworkConfig):
         check_aliases_agree(config, state_dict)
+    _remember_layout(config, layout)
 
 
 def check_finite_weights(state_dict: Mapping[str, Any], member: str) -> None:
     """Refuse NaN or infinite weights, real or complex (each storage view is scanned once).
 
-    Such a network predicts NaN/inf for every input; refusing at load names the key instead of failing later in
-    serving. Run after :func:`check_fits`, so only tensors of the expected dtypes reach the scan.
+    Such a network predicts NaN/inf for every input; refusing names the keys instead of failing later in serving.
+    A tensor whose sum is finite holds no NaN or infinity (either would make the sum non-finite), so genuine
+    weights cost one reduction; only a non-finite sum (NaN/inf present, or finite values overflowing) is counted
+    exactly, in chunks, so the temporary masks stay small whatever the tensor size. Run after :func:`check_fits`
+    when loading, so only tensors of the expected dtypes reach the scan.
+
+    Raises:
+        NonFiniteWeightsError: naming the first offending keys and how many values each holds.
     """
     seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
-    for key, tensor in state_dict.items():
+    offenders = []
+    for key, tensor in dict.items(state_dict):
         if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
             continue
         view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
         if view in seen:
             continue
         seen.add(view)
-        if not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CorruptBundleError(
-                f"{member}: {short_repr(key)} holds {bad} NaN or infinite value(s) (dtype {tensor.dtype}); a "
-                "network with such weights predicts NaN for every input. Re-export the model from a healthy "
-                "checkpoint"
-            )
+        flat = tensor.detach().reshape(-1)
+        if bool(torch.isfinite(flat.sum())):
+            continue
+        bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in flat.split(1 << 22))
+        if bad:
+            offenders.append(f"{short_repr(key)} holds {bad} NaN or infinite value(s) of {tensor.numel()} (dtype "
+                             f"{tensor.dtype})")
+    if offenders:
+        raise NonFiniteWeightsError(
+            f"{member}: {'; '.join(offenders[:5])}{'; ...' if len(offenders) > 5 else ''}. A network with such weights "
+            "predicts NaN for every input: re-export the model from a healthy checkpoint, or pass "
+            "allow_nonfinite=True to save or load it anyway (forensics)"
+        )
 
 
 def strict_load(network: torch.nn.Module, state_dict: Mapping[str, Any]) -> None:
@@ -257,10 +360,21 @@ def strict_load(network: torch.nn.Module, state_dict: Mapping[str, Any]) -> None
 
 
 def check_input_scale(config: AnyNetworkConfig, source: str) -> None:
-    if config.intensity_scale_trainable:
-        scale = config.intensity_scale
-        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-            raise ConfigMismatchError(
-                f"{source}: intensity_scale={scale!r} with a trainable (fixed) input scale would multiply every "
-                "input by NaN, 0 or infinity; it must be a finite number > 0"
-            )
+    """Refuse a trainable (fixed) input scale the network cannot apply: not a finite number > 0, or one whose
+    ``exp(float32(ln scale))`` - what the network multiplies every input by (docs/bundle-format.md §8.4) -
+    overflows to infinity or underflows to 0 in float32 (e.g. 1e300, 1e-300)."""
+    if not config.intensity_scale_trainable:
+        return
+    scale = config.intensity_scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ConfigMismatchError(
+            f"{source}: intensity_scale={short_repr(scale)} with a trainable (fixed) input scale would multiply "
+            "every input by NaN, 0 or infinity; it must be a finite number > 0"
+        )
+    applied = float(torch.exp(torch.tensor(math.log(scale), dtype=torch.float32)))
+    if not (math.isfinite(applied) and applied >= float(torch.finfo(torch.float32).tiny)):
+        raise ConfigMismatchError(
+            f"{source}: intensity_scale={short_repr(scale)} with a trainable (fixed) input scale becomes "
+            f"{applied} in float32 (the network multiplies every input by exp(float32(ln scale))); it must lie "
+            "within float32's normal range, about 1.2e-38 to 3.4e38"
+        )

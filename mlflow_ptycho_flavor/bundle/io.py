@@ -8,12 +8,16 @@ upstream ignores.
 
 The reader never extracts to disk and never writes anything: it opens regular files only, reads named members
 into memory with size caps, refuses path tricks, symlinks, duplicate names, encrypted members and zip bombs,
-decodes ``.dill`` members with a restricted unpickler (:mod:`.safe_pickle`) and ``.pth`` / ``.pt`` members with
+decodes ``.dill`` members with a restricted unpickler (:mod:`.unpickle`) and ``.pth`` / ``.pt`` members with
 ``torch.load(weights_only=True)`` after checking that their pickle names only the globals a state_dict needs,
 verifies hashes when present, checks the weights against the configured network on the ``meta`` device (no
-memory allocated) before anything real is built, restores the params snapshot into the global config
-(CONFIG-001), and loads the weights strictly. Every failure is a :class:`~.errors.BundleError` subclass; anything
-unexpected raised while decoding untrusted bytes is wrapped, never leaked. Nothing here imports MLflow.
+memory allocated) before anything real is built, refuses NaN/inf weights, restores the params snapshot into the
+global config (CONFIG-001), and loads the weights strictly. Work and memory are bounded by the file's real size
+(docs/bundle-format.md §5), except that ``model.pth`` may inflate to what the configured network's weights
+genuinely need (a zero-initialised network deflates ~1000:1 and must load). The writer refuses what the reader
+would refuse, so a bundle that can be saved can be loaded. Every failure is a :class:`~.errors.BundleError`
+subclass; anything unexpected raised while decoding untrusted bytes is wrapped, never leaked. Nothing here imports
+MLflow.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from mlflow_ptycho_flavor.bundle.archive import (
     resolve_bundle_path,
     write_zip,
 )
+from mlflow_ptycho_flavor.bundle.budget import check_plain_data, node_budget, plain_differences
 from mlflow_ptycho_flavor.bundle.compat import (
     check_finite_weights,
     check_fits,
@@ -48,6 +53,8 @@ from mlflow_ptycho_flavor.bundle.compat import (
     check_state_dict_values,
     config_errors,
     detect_era,
+    genuine_file_bytes,
+    network_layout,
     stored_bytes,
     strict_load,
 )
@@ -59,13 +66,7 @@ from mlflow_ptycho_flavor.bundle.metadata import (
     network_config_from_params,
     validate_metadata,
 )
-from mlflow_ptycho_flavor.bundle.unpickle import (
-    check_plain_data,
-    plain_equal,
-    safe_loads,
-    torch_load,
-    unsafe_loading_allowed,
-)
+from mlflow_ptycho_flavor.bundle.unpickle import safe_loads, torch_load, unsafe_loading_allowed
 from mlflow_ptycho_flavor.errors import (
     ConfigMismatchError,
     CorruptBundleError,
@@ -102,6 +103,7 @@ MODEL_NAMES = (INFERENCE_MODEL, AUTOENCODER_MODEL)
 SENTINEL = {"_sentinel": "autoencoder"}
 BACKEND = "pytorch"
 _PICKLE_PROTOCOL = 4  # dill's default on Python <= 3.13, what upstream writes
+_MAX_MODEL_NAME = 200  # upstream's model names are 'diffraction_to_obj' and 'autoencoder'
 
 
 @dataclass
@@ -199,9 +201,12 @@ def _decode_manifest(reader: ArchiveReader, allow_unsafe: bool | None) -> dict[s
             f"manifest version {short_repr(version)} is not supported; this loader reads "
             f"{params_module.PYTORCH_BUNDLE_VERSION!r} bundles"
         )
-    if not isinstance(models, list) or not models or not all(isinstance(m, str) for m in models):
+    if not isinstance(models, list) or not models or not all(
+        isinstance(m, str) and len(m) <= _MAX_MODEL_NAME for m in models
+    ):
         raise CorruptBundleError(
-            f"manifest.dill['models'] must be a non-empty list of names, got {short_repr(models)}"
+            f"manifest.dill['models'] must be a non-empty list of names (at most {_MAX_MODEL_NAME} characters "
+            f"each), got {short_repr(models)}"
         )
     if len(set(models)) != len(models) or len(models) > reader.limits.max_members:
         raise CorruptBundleError(
@@ -231,8 +236,8 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
     actual = hashlib.sha256(data).hexdigest()
     if actual != expected.lower():
         raise CorruptBundleError(
-            f"member {name!r} does not match the sha256 recorded in manifest.dill (expected {expected[:16]}..., "
-            f"got {actual[:16]}...): the bundle was modified or damaged after it was written"
+            f"member {short_repr(name)} does not match the sha256 recorded in manifest.dill (expected "
+            f"{expected[:16]}..., got {actual[:16]}...): the bundle was modified or damaged after it was written"
         )
     verified.append(name)
 
@@ -243,22 +248,27 @@ def read_bundle(
     allow_unsafe: bool | None = None,
     legacy_scaling: bool = False,
     limits: BundleLimits = DEFAULT_LIMITS,
+    allow_nonfinite: bool = False,
 ) -> BundleContents:
     """Decode and validate a bundle without building the network or touching the global config.
 
     Reads nothing but the named members, into memory (nothing is extracted or written), and checks the weights
-    against the configured network on the ``meta`` device, so a bundle that passes here builds.
+    against the configured network on the ``meta`` device, so a bundle that passes here builds. Work and memory
+    stay bounded by the file's real size whatever its headers declare (docs/bundle-format.md §5); ``model.pth``
+    may inflate to what the configured network's weights genuinely need.
 
     Args:
         path: ``wts.h5.zip``, its base ``wts.h5``, or a directory holding ``wts.h5.zip``.
         allow_unsafe: unpickle ``.dill`` members with dill (runs code from the file; trusted files only) and skip
-            the global check of torch members (``torch.load(weights_only=True)`` still applies).
+            the global check of torch members (``torch.load(weights_only=True)`` and every size cap still apply).
         legacy_scaling: for bundles without ``torch_scaling_metadata.pt``, reproduce upstream's legacy
             ``load_torch_bundle`` input scaling instead of honouring the caller's factor (docs/bundle-format.md §4.2).
         limits: size caps against zip bombs.
+        allow_nonfinite: accept NaN/inf weights (forensics); refused by default.
 
     Raises:
-        BundleError: one of its subclasses, naming the cause and the fix.
+        BundleError: one of its subclasses, naming the cause and the fix
+            (:class:`~mlflow_ptycho_flavor.errors.NonFiniteWeightsError` for NaN/inf weights).
     """
     archive = resolve_bundle_path(path)
     scan = not unsafe_loading_allowed(allow_unsafe)  # same opt-in as the .dill members
@@ -281,11 +291,15 @@ def read_bundle(
             snapshots.append((member, raw, snapshot))
         first_member, first_raw, params = snapshots[0]
         for member, raw, snapshot in snapshots[1:]:
-            if raw != first_raw and not plain_equal(snapshot, params):
-                differing = sorted(
-                    str(k) for k in set(snapshot) | set(params)
-                    if k not in snapshot or k not in params or not plain_equal(snapshot[k], params[k])
-                )
+            if raw == first_raw:
+                continue
+            # Bounded by both members' sizes: decoded values that passed check_plain_data fit easily; values from
+            # an unsafe (unchecked) load that do not are refused rather than compared for ever.
+            differing = plain_differences(
+                snapshot, params, budget=node_budget(len(raw)) + node_budget(len(first_raw)),
+                what=f"{member} with {first_member}",
+            )
+            if differing:
                 raise ConfigMismatchError(
                     f"{member} differs from {first_member} in keys {short_repr(differing[:8])}; every model of a bundle "
                     "must carry the same params snapshot"
@@ -306,13 +320,18 @@ def read_bundle(
                 network_config = network_config_from_params(params, legacy_scaling=legacy_scaling)
             check_input_scale(network_config, first_member)
         weights_member = f"{INFERENCE_MODEL}/model.pth"
-        raw = reader.read(weights_member)
+        # What the configured network's weights need decides how far model.pth may inflate (outer and nested zip),
+        # never past the per-member cap.
+        layout = network_layout(network_config)
+        genuine = min(layout.genuine_file_bytes, limits.max_member_bytes)
+        raw = reader.read(weights_member, genuine_bytes=genuine)
         _verify_hash(manifest, weights_member, raw, verified)
-        state_dict = torch_load(raw, weights_member, scan=scan)
+        state_dict = torch_load(raw, weights_member, scan=scan, max_inflated_bytes=max(len(raw), genuine))
         check_state_dict_values(state_dict, weights_member)
         detect_era(state_dict, network_config)
-        check_fits(network_config, state_dict, len(raw))
-        check_finite_weights(state_dict, weights_member)
+        check_fits(network_config, state_dict, len(raw), layout)
+        if not allow_nonfinite:
+            check_finite_weights(state_dict, weights_member)
         hashes = manifest.get("sha256") or {}
         for name in reader.names:
             if name not in verified and name != MANIFEST_MEMBER and hashes.get(name):
@@ -340,6 +359,7 @@ def load_torch_bundle(
     allow_unsafe: bool | None = None,
     legacy_scaling: bool = False,
     limits: BundleLimits = DEFAULT_LIMITS,
+    allow_nonfinite: bool = False,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load the ``diffraction_to_obj`` network of a ``wts.h5.zip``, standalone (no MLflow, no server).
 
@@ -354,6 +374,7 @@ def load_torch_bundle(
         allow_unsafe: see :func:`read_bundle`.
         legacy_scaling: see :func:`read_bundle`.
         limits: size caps against zip bombs.
+        allow_nonfinite: accept NaN/inf weights (forensics); refused by default.
 
     Returns:
         ``(network, params)``: the network in eval mode on ``device`` (a ``PtychoPINNNetwork`` for the CNN, a
@@ -363,7 +384,9 @@ def load_torch_bundle(
         >>> model, params = load_torch_bundle("out/wts.h5.zip", device="cpu")  # doctest: +SKIP
         >>> obj = model(amplitudes, scale)  # complex64 (B, C, N, N)  # doctest: +SKIP
     """
-    contents = read_bundle(path, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling, limits=limits)
+    contents = read_bundle(
+        path, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling, limits=limits, allow_nonfinite=allow_nonfinite
+    )
     if restore_params:
         params_module.restore_params(contents.params)
     network = contents.build_network(device, adopt_weights=True)
@@ -452,7 +475,7 @@ def _plain_provenance(value: Any, depth: int = 0) -> Any:
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise InvalidArgumentError(f"provenance holds a non-finite float {value!r}")
+            raise InvalidArgumentError(f"provenance holds a non-finite float {short_repr(value)}")
         return value
     if isinstance(value, (list, tuple)):
         return [_plain_provenance(v, depth + 1) for v in value]
@@ -504,6 +527,8 @@ def save_torch_bundle(
     intensity_scale: float | None = None,
     ci_statistics: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
+    allow_nonfinite: bool = False,
+    limits: BundleLimits = DEFAULT_LIMITS,
 ) -> Path:
     """Write a ``wts.h5.zip`` that upstream PtychoPINN and this package both load exactly.
 
@@ -519,10 +544,19 @@ def save_torch_bundle(
         provenance: where the weights came from (e.g. the source archive's sha256 when converting), recorded as
             ``manifest["provenance"]``; plain data only (str, int, float, bool, None, lists and str-keyed dicts).
             Upstream's loaders ignore manifest keys they do not know.
+        allow_nonfinite: write NaN/inf weights anyway (forensics); refused by default, as :func:`read_bundle`
+            refuses them.
+        limits: the :class:`BundleLimits` the bundle must load under (default: what :func:`read_bundle` uses);
+            an archive the reader would refuse is not written.
 
     Returns:
         The archive path written. The write is atomic: a temp file in the same folder renamed into place, so an
         existing bundle survives any failure.
+
+    Raises:
+        NonFiniteWeightsError: NaN/inf weights without ``allow_nonfinite``.
+        ConfigMismatchError: the configuration conflicts with the network, or its input scale is unusable.
+        UnsafeBundleError: the bundle would break ``limits``.
     """
     network, autoencoder = _split_models(models)
     arch = _architecture_params(network.config)
@@ -530,21 +564,23 @@ def save_torch_bundle(
     for key, value in arch.items():
         if key in overrides and key != "intensity_scale.trainable" and overrides[key] != value:
             raise ConfigMismatchError(
-                f"config[{key!r}]={overrides[key]!r} conflicts with the network's {key}={value!r}; the params "
-                "snapshot must describe the network being saved"
+                f"config[{short_repr(key)}]={short_repr(overrides[key])} conflicts with the network's "
+                f"{key}={value!r}; the params snapshot must describe the network being saved"
             )
     overrides.update(arch)
     if intensity_scale is not None and (not isinstance(intensity_scale, (int, float)) or isinstance(intensity_scale, bool) or not math.isfinite(intensity_scale)):
-        raise ValueError(f"intensity_scale must be a finite number, got {intensity_scale!r}")
+        raise ValueError(f"intensity_scale must be a finite number, got {short_repr(intensity_scale)}")
     snapshot = params_module.make_params_snapshot(overrides, intensity_scale=intensity_scale)
     metadata = make_metadata(network.config, snapshot, ci_statistics=ci_statistics)
+    check_input_scale(network.config, "the network being saved")
     state = _weights_payload(network)
     if isinstance(autoencoder, torch.nn.Module):
         auto_payload: Any = OrderedDict((k, v.detach().to("cpu")) for k, v in autoencoder.state_dict().items())
     else:
         auto_payload = dict(autoencoder)
     return write_bundle(
-        path, state_dict=state, params=snapshot, metadata=metadata, autoencoder=auto_payload, provenance=provenance
+        path, state_dict=state, params=snapshot, metadata=metadata, autoencoder=auto_payload, provenance=provenance,
+        allow_nonfinite=allow_nonfinite, limits=limits, source="the network being saved",
     )
 
 
@@ -557,6 +593,9 @@ def write_bundle(
     autoencoder: Any = SENTINEL,
     provenance: Mapping[str, Any] | None = None,
     verify: bool = False,
+    allow_nonfinite: bool = False,
+    limits: BundleLimits = DEFAULT_LIMITS,
+    source: str = "the bundle being written",
 ) -> Path:
     """Write already-validated parts as a bundle in upstream's layout (docs/bundle-format.md §1.3).
 
@@ -572,10 +611,15 @@ def write_bundle(
         provenance: plain data recorded as ``manifest["provenance"]``.
         verify: re-read the finished archive with :func:`read_bundle` before it takes ``path``'s place, so a
             bundle that would not load is never left there.
+        allow_nonfinite: write NaN/inf weights anyway (forensics); refused by default.
+        limits: the caps the archive must meet with the reader's own rule (checked before it is published).
+        source: what the weights are, for messages.
 
     Returns:
         The archive path written (atomically: an existing file survives any failure).
     """
+    if not allow_nonfinite:
+        check_finite_weights(state_dict, source)
     params_bytes = _pickle_bytes(dict(params))
     members = [
         (f"{INFERENCE_MODEL}/model.pth", _torch_bytes(state_dict)),
@@ -595,7 +639,14 @@ def write_bundle(
             raise InvalidArgumentError(f"provenance must be a dict of plain data, got {type(provenance).__name__}")
         manifest["provenance"] = _plain_provenance(provenance)
     target = resolve_bundle_path(path, for_writing=True)
-    write_zip(target, [(MANIFEST_MEMBER, _pickle_bytes(manifest))] + members,
-              verify=read_bundle if verify else None)
+    # model.pth may be as large as its own weights need (a zero-initialised network deflates ~1000:1), as the
+    # reader allows for the network the metadata describes.
+    genuine = {f"{INFERENCE_MODEL}/model.pth": genuine_file_bytes(stored_bytes(state_dict), len(state_dict))}
+    write_zip(
+        target, [(MANIFEST_MEMBER, _pickle_bytes(manifest))] + members,
+        verify=(lambda written: read_bundle(written, limits=limits, allow_nonfinite=allow_nonfinite)) if verify
+        else None,
+        limits=limits, genuine_bytes=genuine,
+    )
     _logger.info("wrote PtychoPINN bundle %s", target)
     return target

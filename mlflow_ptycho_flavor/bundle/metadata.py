@@ -114,24 +114,37 @@ def _check_section(name: str, section: Any) -> dict[str, Any]:
         raise CorruptBundleError(
             f"torch_scaling_metadata.pt: {name!r} must be a dict, got {type(section).__name__}"
         )
-    unknown = sorted(set(section) - set(_SECTIONS[name]))
+    unknown = [key for key in section if key not in _SECTIONS[name]]
     if unknown:
         raise UnsupportedBundleError(
-            f"torch_scaling_metadata.pt: {name} has unknown key(s) {unknown}; an unknown knob may change the "
-            "network, so the bundle is refused (upstream's rebuild raises TypeError too). Upgrade "
+            f"torch_scaling_metadata.pt: {name} has unknown key(s) {short_repr(unknown)}; an unknown knob may change "
+            "the network, so the bundle is refused (upstream's rebuild raises TypeError too). Upgrade "
             "mlflow-ptycho-flavor or remove the key if it is known to be inert"
         )
+    for key, value in section.items():
+        _check_magnitude(f"{name}[{key!r}]", value)
     return {**_SECTIONS[name], **dict(section)}
+
+
+def _check_magnitude(where: str, value: Any) -> None:
+    """Refuse an int beyond 64 bits in a config value (or a tuple of them): cheap to store, but arithmetic on a
+    multi-megabyte int (``gridsize ** 2``, a network size) takes seconds to hours."""
+    for item in value if isinstance(value, tuple) else (value,):
+        if isinstance(item, int) and item.bit_length() > 63:
+            raise ConfigMismatchError(
+                f"torch_scaling_metadata.pt: {where} is an int of {item.bit_length()} bits; config values fit in 64 "
+                "bits, so the bundle is refused"
+            )
 
 
 def _typed(model_config: Mapping[str, Any], key: str) -> Any:
     value = model_config[key]
     if key in _BOOL_KEYS and not isinstance(value, bool):
-        raise ConfigMismatchError(f"model_config[{key!r}] must be bool, got {type(value).__name__} {value!r}")
+        raise ConfigMismatchError(f"model_config[{key!r}] must be bool, got {type(value).__name__} {short_repr(value)}")
     if key in _INT_KEYS and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigMismatchError(f"model_config[{key!r}] must be int, got {type(value).__name__} {value!r}")
+        raise ConfigMismatchError(f"model_config[{key!r}] must be int, got {type(value).__name__} {short_repr(value)}")
     if key in _STR_KEYS and not isinstance(value, str):
-        raise ConfigMismatchError(f"model_config[{key!r}] must be str, got {type(value).__name__} {value!r}")
+        raise ConfigMismatchError(f"model_config[{key!r}] must be str, got {type(value).__name__} {short_repr(value)}")
     return value
 
 
@@ -148,7 +161,7 @@ def validate_metadata(metadata: Any) -> dict[str, Any]:
     schema = metadata.get("schema_version")
     if schema != METADATA_SCHEMA_VERSION:
         raise UnsupportedBundleError(
-            f"torch_scaling_metadata.pt has schema_version={schema!r}; this loader reads "
+            f"torch_scaling_metadata.pt has schema_version={short_repr(schema)}; this loader reads "
             f"{METADATA_SCHEMA_VERSION!r} only"
         )
     result: dict[str, Any] = {"schema_version": schema}
@@ -181,12 +194,14 @@ def network_config_from_metadata(metadata: Mapping[str, Any]) -> AnyNetworkConfi
     contract = (data_config.get("scale_contract_version"), data_config.get("measurement_domain"))
     if contract not in _CONTRACT_PAIRS:
         raise ConfigMismatchError(
-            f"data_config scale contract {contract} is not one of {sorted(_CONTRACT_PAIRS)}"
+            f"data_config scale contract {short_repr(contract)} is not one of {sorted(_CONTRACT_PAIRS)}"
         )
     physics = model_config.get("physics_forward_mode")
     gain = model_config.get("amplitude_physics_gain")
     if not isinstance(gain, (int, float)) or isinstance(gain, bool) or not math.isfinite(gain) or gain <= 0:
-        raise ConfigMismatchError(f"model_config['amplitude_physics_gain'] must be finite and > 0, got {gain!r}")
+        raise ConfigMismatchError(
+            f"model_config['amplitude_physics_gain'] must be finite and > 0, got {short_repr(gain)}"
+        )
     if physics == "rectangular_scaled":
         # the FNO family's head requirement (generator_output_mode='real_imag') is checked with its config
         if architecture == "cnn" and (mode != "Unsupervised" or model_config.get("cnn_output_mode") != "real_imag"):
@@ -198,14 +213,14 @@ def network_config_from_metadata(metadata: Mapping[str, Any]) -> AnyNetworkConfi
             raise ConfigMismatchError("physics_forward_mode='rectangular_scaled' requires amplitude_physics_gain=1.0")
     elif physics != "amplitude":
         raise UnsupportedBundleError(
-            f"model_config['physics_forward_mode']={physics!r} is not known; expected 'amplitude' or "
+            f"model_config['physics_forward_mode']={short_repr(physics)} is not known; expected 'amplitude' or "
             "'rectangular_scaled'"
         )
     if architecture in FNO_ARCHITECTURES:
         return fno_config_from_metadata(model_config, data_config)
     N = data_config.get("N")
     if isinstance(N, bool) or not isinstance(N, int):
-        raise ConfigMismatchError(f"data_config['N'] must be int, got {N!r}")
+        raise ConfigMismatchError(f"data_config['N'] must be int, got {short_repr(N)}")
     values: dict[str, Any] = {"N": N}
     for field in _NETWORK_FIELDS:
         if field == "N":
@@ -213,11 +228,13 @@ def network_config_from_metadata(metadata: Mapping[str, Any]) -> AnyNetworkConfi
         values[field] = _typed(model_config, field)
     scale = model_config["intensity_scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise ConfigMismatchError(f"model_config['intensity_scale'] must be a number, got {scale!r}")
+        raise ConfigMismatchError(f"model_config['intensity_scale'] must be a number, got {short_repr(scale)}")
     values["intensity_scale"] = float(scale)
     fraction = model_config["decoder_last_c_outer_fraction"]
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise ConfigMismatchError(f"model_config['decoder_last_c_outer_fraction'] must be a number, got {fraction!r}")
+        raise ConfigMismatchError(
+            f"model_config['decoder_last_c_outer_fraction'] must be a number, got {short_repr(fraction)}"
+        )
     values["decoder_last_c_outer_fraction"] = float(fraction)
     return NetworkConfig(**values)
 
@@ -264,7 +281,7 @@ def network_config_from_params(params: Mapping[str, Any], *, legacy_scaling: boo
         refuse_architecture(architecture, "params['architecture']")
     model_type = params.get("model_type")
     if model_type not in ("pinn", "supervised", None):
-        raise ConfigMismatchError(f"params['model_type'] must be 'pinn' or 'supervised', got {model_type!r}")
+        raise ConfigMismatchError(f"params['model_type'] must be 'pinn' or 'supervised', got {short_repr(model_type)}")
     if architecture in FNO_ARCHITECTURES:
         return _fno_config_from_params(params, architecture, legacy_scaling)
     gridsize = params["gridsize"]
@@ -323,8 +340,8 @@ def check_params_agree(params: Mapping[str, Any], network: AnyNetworkConfig) -> 
         if param_value != meta_value:
             raise ConfigMismatchError(
                 f"params.dill[{param_key!r}]={short_repr(param_value)} disagrees with torch_scaling_metadata.pt "
-                f"{meta_key}={meta_value!r}; the params snapshot restored into params.cfg must describe the same "
-                "network - re-save the bundle so both agree"
+                f"{meta_key}={short_repr(meta_value)}; the params snapshot restored into params.cfg must describe the "
+                "same network - re-save the bundle so both agree"
             )
 
 

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from mlflow_ptycho_flavor.errors import ConfigMismatchError
+from mlflow_ptycho_flavor.errors import ConfigMismatchError, short_repr
 from mlflow_ptycho_flavor.network.config import SUPPORTED_PATCH_SIZES
 
 __all__ = [
@@ -135,7 +135,8 @@ def restore_params(snapshot: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def validate_params_snapshot(snapshot: Mapping[str, Any], *, source: str = "params.dill") -> None:
-    """Check that a snapshot is a dict with ``N`` and ``gridsize`` and well-typed architecture keys.
+    """Check that a snapshot is a dict with ``N`` and ``gridsize``, well-typed architecture keys, and no int beyond
+    64 bits (cheap to store, but ``gridsize ** 2`` on a multi-megabyte int takes seconds to hours).
 
     Raises:
         ConfigMismatchError: naming the key, the bad value and what is accepted.
@@ -159,23 +160,29 @@ def validate_params_snapshot(snapshot: Mapping[str, Any], *, source: str = "para
         if not ok:
             expected = " or ".join(t.__name__ for t in types)
             raise ConfigMismatchError(
-                f"{source}[{key!r}] must be {expected}, got {type(value).__name__} {value!r}"
+                f"{source}[{key!r}] must be {expected}, got {type(value).__name__} {short_repr(value)}"
             )
     if snapshot["N"] not in SUPPORTED_N:
         raise ConfigMismatchError(
-            f"{source}['N'] = {snapshot['N']} is not a supported patch size; supported: {SUPPORTED_N}"
+            f"{source}['N'] = {short_repr(snapshot['N'])} is not a supported patch size; supported: {SUPPORTED_N}"
         )
     if snapshot["gridsize"] < 1:
-        raise ConfigMismatchError(f"{source}['gridsize'] must be >= 1, got {snapshot['gridsize']}")
+        raise ConfigMismatchError(f"{source}['gridsize'] must be >= 1, got {short_repr(snapshot['gridsize'])}")
     if "n_filters_scale" in snapshot and snapshot["n_filters_scale"] < 1:
         raise ConfigMismatchError(
-            f"{source}['n_filters_scale'] must be >= 1, got {snapshot['n_filters_scale']}"
+            f"{source}['n_filters_scale'] must be >= 1, got {short_repr(snapshot['n_filters_scale'])}"
         )
     scale = snapshot.get("intensity_scale")
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale))
     ):
-        raise ConfigMismatchError(f"{source}['intensity_scale'] must be a finite number, got {scale!r}")
+        raise ConfigMismatchError(f"{source}['intensity_scale'] must be a finite number, got {short_repr(scale)}")
+    for key, value in snapshot.items():
+        if isinstance(value, int) and value.bit_length() > 63:
+            raise ConfigMismatchError(
+                f"{source}[{short_repr(key)}] is an int of {value.bit_length()} bits; config values fit in 64 bits, "
+                "so the snapshot is refused"
+            )
 
 
 def make_params_snapshot(

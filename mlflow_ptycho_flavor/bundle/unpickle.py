@@ -10,17 +10,19 @@ Nothing numpy-specific is ever handed to numpy's own pickle hooks: ``numpy.dtype
 array ``BUILD`` state resolve to inert records here, and arrays/scalars are rebuilt with ``numpy.frombuffer`` from
 validated numeric dtypes only (numpy's ``ndarray.__setstate__`` crashes the interpreter on some crafted
 dtypes). The allowed constructors are wrapped so that a few bytes cannot ask for gigabytes
-(``bytearray(10**10)``, ``set(range(10**9))``), and the decoded value is walked once (:func:`check_plain_data`):
-nesting deeper than :data:`MAX_DEPTH`, cycles, or shared sub-objects that expand to far more nodes than the file
-has bytes ("billion laughs", which would make ``repr`` or ``==`` explode later) are refused. Any other failure
-while decoding is a :class:`CorruptBundleError`.
+(``bytearray(10**10)``, ``set(range(10**9))``). Before any unpickler runs, the opcodes are followed on an abstract
+stack (:func:`~.budget.scan_pickle_structure`: tuple keys nested or shared so that hashing them would crash or
+never finish); afterwards the decoded value is walked once (:func:`~.budget.check_plain_data`): nesting deeper
+than :data:`MAX_DEPTH`, cycles, containers carrying instance attributes, or an expanded size far beyond the
+file's ("billion laughs", which would make ``repr`` or ``==`` explode later) are refused. Any other failure while
+decoding is a :class:`CorruptBundleError`.
 
 Opting out (``allow_unsafe=True`` or MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) falls back to
 ``dill``/``pickle`` and therefore runs whatever code the file carries: only for files you trust.
 
 Torch members (``model.pth``, ``torch_scaling_metadata.pt``) are loaded with ``torch.load(weights_only=True)``
-after :func:`torch_load` has checked that their pickle names only the globals a state_dict or a metadata dict
-needs (torch's own allow-list is wider and includes allocation bombs).
+after :func:`torch_load` has checked the nested torch zip's real record sizes and that their pickle names only
+the globals a state_dict or a metadata dict needs (torch's own allow-list is wider and includes allocation bombs).
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ from typing import Any
 
 import torch
 
-from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_repr
+from mlflow_ptycho_flavor.bundle.archive import check_nested_zip
+from mlflow_ptycho_flavor.bundle.budget import MAX_DEPTH, check_plain_data, scan_pickle_structure
+from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_error, short_message, short_repr
 
 __all__ = [
+    "check_plain_data",  # lives in .budget; re-exported for the readers that decode with this module
     "safe_loads",
     "unsafe_loading_allowed",
-    "check_plain_data",
-    "plain_equal",
     "torch_load",
+    "MAX_TORCH_RECORDS",
     "ALLOW_PICKLE_ENV",
     "MAX_DEPTH",
     "MAX_RANGE_LENGTH",
@@ -52,8 +56,6 @@ __all__ = [
 
 ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
-#: Deepest container nesting a decoded member may have (real manifests/params/metadata nest 3 levels at most).
-MAX_DEPTH = 64
 #: Largest ``range`` a pickle may construct (a range is lazy, but whatever consumes it is not).
 MAX_RANGE_LENGTH = 1 << 16
 
@@ -87,13 +89,13 @@ class _DtypeRecord:
         code = self.args[0] if self.args else None
         if not isinstance(code, str) or not _NUMERIC_DTYPE.match(code):
             raise UnsafeBundleError(
-                f"the pickle describes the numpy dtype {code!r}; only plain numeric dtypes (bool, int, uint, float, "
-                "complex) are accepted"
+                f"the pickle describes the numpy dtype {short_repr(code)}; only plain numeric dtypes (bool, int, "
+                "uint, float, complex) are accepted"
             )
         try:
             dtype = np.dtype(code)
         except TypeError as exc:
-            raise CorruptBundleError(f"invalid numpy dtype {code!r} in the pickle") from exc
+            raise CorruptBundleError(f"invalid numpy dtype {short_repr(code)} in the pickle") from exc
         state = self.state
         if state is not None:
             if (
@@ -111,7 +113,7 @@ class _DtypeRecord:
         return dtype
 
     def __repr__(self) -> str:
-        return f"numpy.dtype{self.args!r}"
+        return f"numpy.dtype{short_repr(self.args)}"
 
 
 def _array_from_bytes(raw: Any, dtype_record: Any, shape: Any, fortran: bool) -> Any:
@@ -131,12 +133,12 @@ def _array_from_bytes(raw: Any, dtype_record: Any, shape: Any, fortran: bool) ->
     valid_dims = all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) if isinstance(
         shape, tuple) else False
     if not valid_dims:
-        raise CorruptBundleError(f"a numpy array record has the invalid shape {shape!r}")
+        raise CorruptBundleError(f"a numpy array record has the invalid shape {short_repr(shape)}")
     count = math.prod(shape)
     if count * dtype.itemsize != len(data):
         raise CorruptBundleError(
-            f"a numpy array record of shape {shape} and dtype {dtype} needs {count * dtype.itemsize} bytes, holds "
-            f"{len(data)}"
+            f"a numpy array record of shape {short_repr(shape)} and dtype {dtype} needs {count * dtype.itemsize} "
+            f"bytes, holds {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy(order="K")
 
@@ -152,6 +154,11 @@ class _ArrayRecord:
             raise CorruptBundleError("a numpy array record has an unknown state layout")
         _, shape, dtype_record, fortran, raw = state
         self.array = _array_from_bytes(raw, dtype_record, shape, bool(fortran))
+
+    @property
+    def nbytes(self) -> int:
+        """The rebuilt array's size: what the structure walk charges for every reference to this record."""
+        return 0 if self.array is None else int(self.array.nbytes)
 
     def result(self) -> Any:
         if self.array is None:
@@ -178,7 +185,7 @@ _NDARRAY_REF = _NdarrayClassRef()
 def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> _ArrayRecord:
     """``numpy._reconstruct`` as ``ndarray.__reduce__`` uses it: always an empty placeholder, filled by BUILD."""
     if subtype is not _NDARRAY_REF or not isinstance(shape, tuple) or shape != (0,):
-        raise _refuse_amplification(f"numpy _reconstruct({subtype!r}, {shape!r})")
+        raise _refuse_amplification(f"numpy _reconstruct({short_repr(subtype)}, {short_repr(shape)})")
     return _ArrayRecord()
 
 
@@ -316,15 +323,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 )
         if allowed is None:
             raise UnsafeBundleError(
-                f"{self._member} references the global {module}.{name}, which the safe loader refuses "
-                "(only plain data is allowed: dict, list, tuple, set, str, bytes, numbers, bool, None, numpy "
+                f"{self._member} references the global {str(module)[:100]}.{str(name)[:100]}, which the safe loader "
+                "refuses (only plain data is allowed: dict, list, tuple, set, str, bytes, numbers, bool, None, numpy "
                 "scalars and numeric arrays). If you trust this file, load with allow_unsafe=True or set "
                 f"{ALLOW_PICKLE_ENV}=true"
             )
         return allowed
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafeBundleError(f"{self._member} uses persistent ids ({pid!r}), which plain data never needs")
+        raise UnsafeBundleError(f"{self._member} uses persistent ids ({short_repr(pid)}), which plain data never needs")
 
 
 def unsafe_loading_allowed(allow_unsafe: bool | None = None) -> bool:
@@ -332,43 +339,6 @@ def unsafe_loading_allowed(allow_unsafe: bool | None = None) -> bool:
     if allow_unsafe is not None:
         return bool(allow_unsafe)
     return os.environ.get(ALLOW_PICKLE_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def check_plain_data(value: Any, *, member: str, size: int, leaf_types: tuple[type, ...] = ()) -> None:
-    """Walk a decoded member once and refuse structures that would blow up whoever uses them later.
-
-    Refused (:class:`UnsafeBundleError`): nesting deeper than :data:`MAX_DEPTH`; cycles and shared sub-objects
-    whose expansion exceeds ``10 * size + 10_000`` nodes (a "billion laughs" pickle of a few hundred bytes stands for
-    2**40 list items, and ``repr``, ``==`` or a YAML dump of it never finish). The walk is iterative, so it cannot
-    overflow the stack itself.
-
-    Args:
-        value: the decoded object.
-        member: the member name, for messages.
-        size: the member's size in bytes (sets the node budget).
-        leaf_types: extra types accepted as leaves without looking inside (e.g. ``torch.Tensor``).
-    """
-    budget = 10 * int(size) + 10_000
-    nodes = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        nodes += 1
-        if nodes > budget:
-            raise UnsafeBundleError(
-                f"{member} expands to more than {budget} objects from {size} bytes (a cycle, or shared sub-objects "
-                "referenced over and over: a 'billion laughs' pickle); refused"
-            )
-        if depth > MAX_DEPTH:
-            raise UnsafeBundleError(f"{member} nests containers more than {MAX_DEPTH} levels deep; refused")
-        if leaf_types and isinstance(item, leaf_types):
-            continue
-        if isinstance(item, dict):
-            for key, val in item.items():
-                stack.append((key, depth + 1))
-                stack.append((val, depth + 1))
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend((child, depth + 1) for child in item)
 
 
 def _resolve_records(value: Any, member: str) -> Any:
@@ -439,14 +409,13 @@ def safe_loads(
             return dill.loads(data)
         except Exception as exc:  # explicit opt-in: the file's own code may raise anything
             raise CorruptBundleError(
-                f"{member} could not be unpickled even with unsafe loading allowed: {type(exc).__name__}: "
-                f"{str(exc)[:300]}"
+                f"{member} could not be unpickled even with unsafe loading allowed: {short_error(exc)}"
             ) from exc
     try:
-        # Disassemble first: pickletools reads counted arguments (BINBYTES8, BYTEARRAY8, ...) without allocating
-        # their declared size, whereas the C unpickler allocates it before finding the data is not there.
-        for _ in pickletools.genops(data):
-            pass
+        # An abstract run first (nothing built): refuses what would hang or crash the C unpickler itself - tuple
+        # keys nested too deep or shared too often to hash, counted arguments (BINBYTES8, ...) whose declared
+        # size the C unpickler would allocate before finding the data is not there.
+        scan_pickle_structure(data, member)
         value = _RestrictedUnpickler(
             io.BytesIO(data), member, tensorflow_tensors=allow_tensorflow_tensors
         ).load()
@@ -458,7 +427,7 @@ def safe_loads(
         raise type(exc)(f"{member}: {exc}") from exc  # name the member in errors raised by the wrapped constructors
     except Exception as exc:  # noqa: BLE001 - nothing but the wrapped constructors ran: any failure is bad data
         raise CorruptBundleError(
-            f"{member} is not a valid pickle of plain data: {type(exc).__name__}: {str(exc)[:300]}"
+            f"{member} is not a valid pickle of plain data: {short_error(exc)}"
         ) from exc
 
 
@@ -497,21 +466,17 @@ def _torch_global_allowed(module: str, name: str) -> bool:
 
 
 def _scan_torch_pickle(data: bytes, member: str) -> None:
-    """Refuse a torch zip file whose ``data.pkl`` names a global outside :data:`_TORCH_ALLOWED_GLOBALS`.
+    """Refuse a torch zip file whose ``data.pkl`` names a global outside :data:`_TORCH_ALLOWED_GLOBALS`, or whose
+    structure would hang or crash the unpickler (:func:`~.budget.scan_pickle_structure`).
 
     The scan reads the record through torch's own zip reader (the bytes torch.load would unpickle) and only
     disassembles the pickle; nothing is called.
     """
-    if not data.startswith(b"PK\x03\x04"):
-        raise CorruptBundleError(
-            f"{member} is not a valid torch file: not in torch's zip serialization format (what torch.save has "
-            "written since torch 1.6); it is damaged, or a legacy file this loader does not read"
-        )
     try:
         reader = torch._C.PyTorchFileReader(io.BytesIO(data))
         pickled = reader.get_record("data.pkl")
     except Exception as exc:  # noqa: BLE001 - torch's zip reader on untrusted bytes
-        raise CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        raise CorruptBundleError(f"{member} is not a valid torch file: {short_error(exc)}") from exc
     try:
         for opcode, arg, _ in pickletools.genops(pickled):
             if opcode.name == "GLOBAL":
@@ -522,13 +487,14 @@ def _scan_torch_pickle(data: bytes, member: str) -> None:
                 elif module in _compat_pickle.IMPORT_MAPPING:
                     module = _compat_pickle.IMPORT_MAPPING[module]
                 if not _torch_global_allowed(module, name):
-                    _refuse_torch_global(member, f"{module}.{name}")
+                    _refuse_torch_global(member, f"{module[:100]}.{name[:100]}")
             elif opcode.name in ("STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"):
                 raise UnsafeBundleError(f"{member} uses the pickle opcode {opcode.name}, which torch.save never writes")
     except UnsafeBundleError:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed pickle stream
-        raise CorruptBundleError(f"{member} holds a malformed pickle: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        raise CorruptBundleError(f"{member} holds a malformed pickle: {short_error(exc)}") from exc
+    scan_pickle_structure(pickled, f"{member} (data.pkl)")
 
 
 def _torch_default_allows(full_name: str) -> bool:
@@ -553,41 +519,40 @@ def _refuse_torch_global(member: str, full_name: str) -> None:
     )
 
 
-def torch_load(data: bytes, member: str, *, scan: bool = True) -> Any:
+#: Most records a torch file may list (a state_dict has one per tensor plus six; the largest CNN has ~300 tensors).
+MAX_TORCH_RECORDS = 4096
+
+
+def torch_load(data: bytes, member: str, *, scan: bool = True, max_inflated_bytes: int | None = None) -> Any:
+    """``torch.load(weights_only=True)`` of a torch member, after checks that no opt-in skips.
+
+    Always: the bytes must be torch's zip format, with at most :data:`MAX_TORCH_RECORDS` records whose inflated
+    sizes add up to at most ``max_inflated_bytes`` (default: the member's own size, i.e. no expansion). With
+    ``scan`` (the default; ``allow_unsafe`` turns it off): the embedded pickle names only the globals a state_dict
+    or metadata dict needs, and its structure is bounded (:func:`~.budget.scan_pickle_structure`).
+
+    Raises:
+        UnsafeBundleError, CorruptBundleError, UnsupportedBundleError.
+    """
+    if not data.startswith(b"PK\x03\x04"):
+        raise CorruptBundleError(
+            f"{member} is not a valid torch file: not in torch's zip serialization format (what torch.save has "
+            "written since torch 1.6); it is damaged, or a legacy file this loader does not read"
+        )
+    check_nested_zip(
+        data, member, max_inflated_bytes=len(data) if max_inflated_bytes is None else max_inflated_bytes,
+        max_entries=MAX_TORCH_RECORDS,
+    )
     if scan:
         _scan_torch_pickle(data, member)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ValueError, ...
-        text = str(exc)
+        text = short_message(exc)
         if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
             first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
             raise UnsafeBundleError(
                 f"{member} needs arbitrary Python objects to unpickle and was refused by "
                 f"torch.load(weights_only=True): {first_line}"
             ) from exc
-        raise CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {text[:300]}") from exc
-
-
-def plain_equal(a: Any, b: Any, depth: int = 0) -> bool:
-    """``a == b`` for decoded plain data that never raises (numpy arrays compare element-wise)."""
-    if depth > 64:
-        return False
-    if type(a) is not type(b):
-        try:
-            numbers = (int, float, complex)
-            return bool(a == b) if isinstance(a, numbers) and isinstance(b, numbers) else False
-        except Exception:  # noqa: BLE001
-            return False
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(plain_equal(a[k], b[k], depth + 1) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(plain_equal(x, y, depth + 1) for x, y in zip(a, b))
-    if type(a).__module__ == "numpy" and hasattr(a, "shape"):
-        import numpy as np
-
-        return bool(np.array_equal(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001
-        return False
+        raise CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {text}") from exc

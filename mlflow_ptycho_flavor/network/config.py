@@ -64,15 +64,16 @@ class NetworkConfig:
                 "neural-operator family ('fno_vanilla', 'fno', 'ffno') is configured by FnoNetworkConfig"
             )
         if self.mode not in _MODES:
-            raise UnsupportedBundleError(f"mode={self.mode!r} is not supported; expected one of {_MODES}")
+            raise UnsupportedBundleError(f"mode={short_repr(self.mode)} is not supported; expected one of {_MODES}")
         if self.cnn_output_mode not in _CNN_OUTPUT_MODES:
             raise UnsupportedBundleError(
-                f"cnn_output_mode={self.cnn_output_mode!r} is not supported; expected one of {_CNN_OUTPUT_MODES}"
+                f"cnn_output_mode={short_repr(self.cnn_output_mode)} is not supported; expected one of "
+                f"{_CNN_OUTPUT_MODES}"
             )
         for name in ("C_model", "n_filters_scale", "num_datasets", "decoder_spatial_kernel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigMismatchError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigMismatchError(f"{name} must be a positive int, got {short_repr(value)}")
         if self.use_legacy_decoder_channel_override and self.object_big:
             if self.decoder_last_amp_channels not in (1, self.C_model):
                 raise ConfigMismatchError(

@@ -1,0 +1,466 @@
+"""Bounded work on untrusted pickles and the plain data decoded from them (docs/bundle-format.md §5).
+
+A pickle of a few hundred bytes can stand for far more than it holds: shared sub-objects referenced over and over
+("billion laughs": ``[v, v]`` nested 40 times is 2**40 items), tuples nested a million deep, or containers whose
+instance state hides what they contain from a walker that calls their methods. Whoever touches such a value later
+(``hash``, ``==``, ``repr``, a YAML dump) never finishes or crashes the interpreter. Three checks keep every use
+bounded by the member's real size:
+
+* :func:`scan_pickle_structure` runs *before* any unpickler: it follows the opcodes on an abstract stack and
+  refuses tuples nested deeper than :data:`MAX_DEPTH` (hashing one recurses in C and overflows the stack) and
+  pickles whose dict keys and set elements would cost more than the budget to hash (a shared-tuple key is hashed
+  without memoisation, so 40 levels of sharing mean 2**40 steps inside the unpickler itself);
+* :func:`check_plain_data` walks the decoded value once, through the builtin types' own methods (never an
+  instance's), refusing deep nesting, instance state on containers, and a total *expanded size* over the budget,
+  where a node weighs one plus its payload (string, bytes, array, tensor, int) in 8-byte units, so that a large
+  leaf shared a million times costs what a million copies would;
+* :func:`plain_differences` / :func:`plain_equal` compare two decoded values under an explicit budget.
+
+The budget of a member of ``size`` bytes is :func:`node_budget` (``10 * size + 10_000``): legitimate members use a
+small fraction of it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickletools
+from collections.abc import Iterator
+from typing import Any
+
+from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_error, short_repr
+
+__all__ = [
+    "MAX_DEPTH",
+    "node_budget",
+    "scan_pickle_structure",
+    "check_plain_data",
+    "plain_equal",
+    "plain_differences",
+]
+
+#: Deepest container nesting a decoded member may have (real manifests/params/metadata nest 3 levels at most).
+MAX_DEPTH = 64
+
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def node_budget(size: int) -> int:
+    """Work allowed on a member of ``size`` bytes, in weighted nodes (see :func:`payload_weight`)."""
+    return 10 * int(size) + 10_000
+
+
+def payload_weight(item: Any) -> int:
+    """What one node costs whoever copies, hashes, compares or prints it: 1 plus its payload in 8-byte units."""
+    if isinstance(item, (str, bytes, bytearray)):
+        return 1 + len(item) // 8
+    if isinstance(item, int):
+        return 1 + item.bit_length() // 64
+    nbytes = getattr(item, "nbytes", None)  # numpy arrays and scalars, torch tensors (expanded views in full)
+    return 1 + nbytes // 8 if isinstance(nbytes, int) and nbytes > 0 else 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Before unpickling: an abstract run of the opcodes
+# ----------------------------------------------------------------------------------------------------------------
+class _Node:
+    """Abstract stack value: expanded size (``weight``, saturating), tuple ``depth``, and whether it is mutable
+    (lists, dicts, sets grow after they are referenced; hashing one fails at once)."""
+
+    __slots__ = ("weight", "depth", "mutable", "children", "name")
+
+    def __init__(self, weight: int, depth: int = 0, mutable: bool = False, children: tuple = (), name: str = ""):
+        self.weight = weight
+        self.depth = depth
+        self.mutable = mutable
+        self.children = children
+        self.name = name
+
+
+#: Globals whose call hashes every element of its argument (py2 names as torch.save writes them included).
+_HASHING_CALLS = {
+    "builtins set", "builtins frozenset", "__builtin__ set", "__builtin__ frozenset",
+    "collections OrderedDict",
+}
+_ATOM_OPS = {
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER", "NONE", "NEWTRUE", "NEWFALSE",
+    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT", "PERSID", "EXT1", "EXT2",
+    "EXT4",
+}
+
+
+class _Machine:
+    """The pickle virtual machine's stack discipline (as in ``pickle._Unpickler``) over :class:`_Node` values."""
+
+    def __init__(self, member: str, budget: int) -> None:
+        self.member = member
+        self.budget = budget
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.hashing = 0
+
+    # stack helpers -------------------------------------------------------------------------------------------
+    def pop(self) -> Any:
+        if not self.stack:
+            raise CorruptBundleError(f"{self.member} is not a valid pickle: stack underflow")
+        return self.stack.pop()
+
+    def pop_mark(self) -> list[Any]:
+        if not self.metastack:
+            raise CorruptBundleError(f"{self.member} is not a valid pickle: no MARK on the stack")
+        items = self.stack
+        self.stack = self.metastack.pop()
+        return items
+
+    def node(self, value: Any) -> _Node:
+        if not isinstance(value, _Node):
+            raise CorruptBundleError(f"{self.member} is not a valid pickle: an opcode finds no value to work on")
+        return value
+
+    def weigh(self, *parts: int) -> int:
+        return min(sum(parts), self.budget + 1)  # saturating: 2**(10**6) is as refused as budget + 1
+
+    def immutable(self, children: list[Any]) -> _Node:
+        nodes = tuple(self.node(child) for child in children)
+        depth = 1 + max((child.depth for child in nodes), default=0)
+        if depth > MAX_DEPTH:
+            raise UnsafeBundleError(
+                f"{self.member} nests tuples more than {MAX_DEPTH} levels deep (hashing them would overflow the "
+                "interpreter's stack); refused before unpickling"
+            )
+        return _Node(self.weigh(1, *(child.weight for child in nodes)), depth, False, nodes)
+
+    def hashed(self, *values: Any) -> None:
+        """Dict keys / set elements: each is hashed (and compared on collisions) at its full expanded size."""
+        for value in values:
+            self.hashing = self.weigh(self.hashing, self.current_weight(self.node(value)))
+        if self.hashing > self.budget:
+            raise UnsafeBundleError(
+                f"{self.member} uses dict keys or set elements that expand to more than {self.budget} objects "
+                "(shared tuples referenced over and over: a 'billion laughs' pickle); hashing them would never "
+                "finish, so it is refused before unpickling"
+            )
+
+    def current_weight(self, node: _Node) -> int:
+        # A tuple's weight was fixed when it was built, but a list inside it may have grown since.
+        if node.mutable or not node.children:
+            return node.weight
+        return self.weigh(1, *(child.weight for child in node.children))
+
+    def grow(self, target: Any, *values: Any) -> None:
+        node = self.node(target)
+        node.weight = self.weigh(node.weight, *(self.node(v).weight for v in values))
+
+    # one opcode ---------------------------------------------------------------------------------------------
+    def step(self, name: str, arg: Any) -> None:
+        if name in _ATOM_OPS:
+            # short strings keep their text: STACK_GLOBAL names its global with the two strings before it
+            text = arg if isinstance(arg, str) and len(arg) <= 200 else ""
+            self.stack.append(_Node(self.weigh(payload_weight(arg) if arg is not None else 1), name=text))
+        elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
+            self.stack.append(_Node(1, 1, True))
+        elif name == "EMPTY_TUPLE":
+            self.stack.append(self.immutable([]))
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            count = int(name[-1])
+            items = [self.pop() for _ in range(count)][::-1]
+            self.stack.append(self.immutable(items))
+        elif name == "TUPLE":
+            items = self.pop_mark()  # before self.stack.append is looked up: pop_mark replaces self.stack
+            self.stack.append(self.immutable(items))
+        elif name == "FROZENSET":
+            items = self.pop_mark()
+            self.hashed(*items)
+            self.stack.append(self.immutable(items))
+        elif name == "LIST":
+            items = self.pop_mark()
+            self.stack.append(_Node(self.weigh(1, *(self.node(i).weight for i in items)), 1, True))
+        elif name == "DICT":
+            items = self.pop_mark()
+            self.hashed(*items[0::2])
+            self.stack.append(_Node(self.weigh(1, *(self.node(i).weight for i in items)), 1, True))
+        elif name == "APPEND":
+            value = self.pop()
+            self.grow(self.stack[-1] if self.stack else None, value)
+        elif name == "APPENDS":
+            items = self.pop_mark()
+            self.grow(self.stack[-1] if self.stack else None, *items)
+        elif name == "SETITEM":
+            value, key = self.pop(), self.pop()
+            self.hashed(key)
+            self.grow(self.stack[-1] if self.stack else None, key, value)
+        elif name == "SETITEMS":
+            items = self.pop_mark()
+            self.hashed(*items[0::2])
+            self.grow(self.stack[-1] if self.stack else None, *items)
+        elif name == "ADDITEMS":
+            items = self.pop_mark()
+            self.hashed(*items)
+            self.grow(self.stack[-1] if self.stack else None, *items)
+        elif name == "POP":
+            if self.stack:
+                self.stack.pop()
+            else:
+                self.pop_mark()
+        elif name == "POP_MARK":
+            self.pop_mark()
+        elif name == "DUP":
+            self.stack.append(self.stack[-1] if self.stack else self.pop())
+        elif name == "MARK":
+            self.metastack.append(self.stack)
+            self.stack = []
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in self.memo:
+                raise CorruptBundleError(f"{self.member} is not a valid pickle: memo key {arg} was never stored")
+            self.stack.append(self.memo[arg])
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            self.memo[arg] = self.stack[-1] if self.stack else self.pop()
+        elif name == "MEMOIZE":
+            self.memo[len(self.memo)] = self.stack[-1] if self.stack else self.pop()
+        elif name == "GLOBAL":
+            self.stack.append(_Node(1, name=str(arg)))
+        elif name == "STACK_GLOBAL":
+            qualname, module = self.node(self.pop()), self.node(self.pop())
+            self.stack.append(_Node(1, name=f"{module.name} {qualname.name}"))
+        elif name in ("REDUCE", "NEWOBJ"):
+            args, func = self.pop(), self.pop()
+            self.stack.append(self.call(func, [args]))
+        elif name == "NEWOBJ_EX":
+            kwargs, args, cls = self.pop(), self.pop(), self.pop()
+            self.stack.append(self.call(cls, [args, kwargs]))
+        elif name == "OBJ":
+            items = self.pop_mark()
+            if not items:
+                raise CorruptBundleError(f"{self.member} is not a valid pickle: OBJ without a class")
+            self.stack.append(self.call(items[0], items[1:]))
+        elif name == "INST":
+            items = self.pop_mark()
+            self.stack.append(self.call(_Node(1, name=str(arg)), items))
+        elif name == "BUILD":
+            state = self.pop()
+            self.hashed(state)  # dict state: every key is set as an attribute
+            self.grow(self.stack[-1] if self.stack else None, state)
+        elif name == "BINPERSID":
+            pid = self.pop()
+            self.stack.append(_Node(self.node(pid).weight))
+        elif name == "READONLY_BUFFER":
+            self.node(self.stack[-1] if self.stack else None)
+        elif name not in ("PROTO", "FRAME", "STOP"):
+            raise CorruptBundleError(f"{self.member} uses the unknown pickle opcode {name}")
+
+    def call(self, func: Any, args: list[Any]) -> _Node:
+        """The result of calling ``func(*args)``: conservatively as costly to hash as its arguments."""
+        func = self.node(func)
+        if func.name in _HASHING_CALLS:
+            self.hashed(*args)
+            if func.name.endswith("frozenset"):
+                return self.immutable(args)
+            return _Node(self.weigh(1, *(self.current_weight(self.node(a)) for a in args)), 1, True)
+        return self.immutable(args)
+
+
+def scan_pickle_structure(data: bytes, member: str) -> None:
+    """Refuse a pickle whose construction alone would never finish or would crash, before any unpickler runs.
+
+    Follows the opcodes on an abstract stack (nothing is built, called or imported): tuples and frozensets nested
+    deeper than :data:`MAX_DEPTH` and dict keys / set elements whose total expanded size exceeds
+    :func:`node_budget` raise :class:`UnsafeBundleError`; a stream that is not a pickle raises
+    :class:`CorruptBundleError`. Counted arguments (``BINBYTES8``, ``BYTEARRAY8``) are read without allocating
+    their declared size, unlike the C unpickler.
+    """
+    machine = _Machine(member, node_budget(len(data)))
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            machine.step(opcode.name, arg)
+    except (UnsafeBundleError, CorruptBundleError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - pickletools on untrusted bytes: a malformed stream
+        raise CorruptBundleError(f"{member} is not a valid pickle of plain data: {short_error(exc)}") from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# After unpickling: one walk of the decoded value
+# ----------------------------------------------------------------------------------------------------------------
+#: The one instance attribute a decoded container may carry: the module versions ``nn.Module.state_dict()`` records
+#: on the ``OrderedDict`` it returns (``torch.save`` keeps it; checkpoints hold such state_dicts).
+_ALLOWED_ATTRIBUTES = frozenset({"_metadata"})
+
+
+def _children(item: Any, member: str) -> Iterator[Any] | None:
+    """The real contents of a container, read through the builtin types' own methods; None for a leaf.
+
+    A pickle can BUILD attributes onto an ``OrderedDict`` (``items``, ``keys``, ``__iter__``...), which would make
+    ``item.items()`` show a walker whatever the pickle chose; such instance state is refused, except
+    ``_metadata``, whose value is walked like the contents.
+    """
+    if isinstance(item, _CONTAINERS):
+        state = getattr(item, "__dict__", None)  # a data descriptor of the type: the pickle cannot shadow it
+        extra: tuple[Any, ...] = ()
+        if state:
+            foreign = [str(key)[:40] for key in itertools.islice(state, 64) if key not in _ALLOWED_ATTRIBUTES]
+            if foreign or len(state) > len(_ALLOWED_ATTRIBUTES):
+                article = "an" if type(item).__name__[:1] in "AEIOU" else "a"
+                raise UnsafeBundleError(
+                    f"{member} holds {article} {type(item).__name__} carrying the instance attributes "
+                    f"{short_repr(foreign[:5])}, which plain data never has (they could hide its contents from "
+                    "checks); refused"
+                )
+            extra = tuple(state.values())
+        if isinstance(item, dict):
+            return itertools.chain(itertools.chain.from_iterable(dict.items(item)), extra)
+        if isinstance(item, list):
+            return itertools.chain(list.__iter__(item), extra)
+        if isinstance(item, tuple):
+            return itertools.chain(tuple.__iter__(item), extra)
+        members = set.__iter__(item) if isinstance(item, set) else frozenset.__iter__(item)
+        return itertools.chain(members, extra)
+    if isinstance(item, slice):  # a slice holds three arbitrary objects
+        return iter((item.start, item.stop, item.step))
+    return None
+
+
+def check_plain_data(value: Any, *, member: str, size: int, leaf_types: tuple[type, ...] = ()) -> None:
+    """Walk a decoded member once and refuse structures that would blow up whoever uses them later.
+
+    Refused (:class:`UnsafeBundleError`): nesting deeper than :data:`MAX_DEPTH`; containers carrying instance
+    attributes; and an expanded size over :func:`node_budget` of ``size``, where shared sub-objects count every
+    time they are referenced and each node weighs :func:`payload_weight` (a "billion laughs" pickle of a few
+    hundred bytes stands for 2**40 list items; a 1 MB string referenced a thousand times stands for 1 GB; ``repr``,
+    ``==`` or a YAML dump of either never finishes). The walk is iterative and keeps one iterator per level, so
+    neither the stack nor memory grows with the member's width.
+
+    Args:
+        value: the decoded object.
+        member: the member name, for messages.
+        size: the member's size in bytes (sets the budget).
+        leaf_types: extra types accepted as leaves without looking inside (e.g. ``torch.Tensor``).
+    """
+    budget = node_budget(size)
+    used = 0
+    levels: list[Iterator[Any]] = [iter((value,))]
+    done = object()
+    while levels:
+        item = next(levels[-1], done)
+        if item is done:
+            levels.pop()
+            continue
+        used += payload_weight(item)
+        if used > budget:
+            raise UnsafeBundleError(
+                f"{member} expands to more than {budget} objects from {size} bytes (a cycle, or shared sub-objects "
+                "referenced over and over: a 'billion laughs' pickle); refused"
+            )
+        if leaf_types and isinstance(item, leaf_types):
+            continue
+        children = _children(item, member)
+        if children is not None:
+            if len(levels) > MAX_DEPTH:
+                raise UnsafeBundleError(f"{member} nests containers more than {MAX_DEPTH} levels deep; refused")
+            levels.append(children)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparing two decoded values
+# ----------------------------------------------------------------------------------------------------------------
+class _Spent(Exception):
+    pass
+
+
+def _equal(a: Any, b: Any, allowance: list[int]) -> bool:
+    """Iterative ``a == b`` for plain data charging ``allowance[0]``; raises :class:`_Spent` when it runs out."""
+    import numpy as np
+
+    stack = [(a, b, 0)]
+    while stack:
+        x, y, depth = stack.pop()
+        allowance[0] -= payload_weight(x) + payload_weight(y)
+        if allowance[0] < 0:
+            raise _Spent
+        if depth > MAX_DEPTH:
+            return False
+        if type(x) is not type(y):
+            numbers = (int, float, complex)
+            if not (isinstance(x, numbers) and isinstance(y, numbers)):
+                return False
+            try:
+                if x != y:
+                    return False
+            except Exception:  # noqa: BLE001
+                return False
+            continue
+        if isinstance(x, dict):
+            allowance[0] -= len(x)  # one lookup per key
+            if allowance[0] < 0:
+                raise _Spent
+            if len(x) != len(y) or any(k not in y for k in dict.keys(x)):
+                return False
+            stack.extend((value, dict.__getitem__(y, key), depth + 1) for key, value in dict.items(x))
+            continue
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(y):
+                return False
+            iterate = list.__iter__ if isinstance(x, list) else tuple.__iter__
+            stack.extend((p, q, depth + 1) for p, q in zip(iterate(x), iterate(y)))
+            continue
+        if isinstance(x, slice):
+            stack.extend(((x.start, y.start, depth + 1), (x.stop, y.stop, depth + 1), (x.step, y.step, depth + 1)))
+            continue
+        if isinstance(x, (set, frozenset)):  # elements are hashable, hence flat; set equality hashes each once
+            allowance[0] -= len(x) + len(y)
+            if allowance[0] < 0:
+                raise _Spent
+            if x != y:
+                return False
+            continue
+        if isinstance(x, np.ndarray):
+            if x.shape != y.shape or x.dtype != y.dtype or not np.array_equal(x, y):
+                return False
+            continue
+        try:
+            if not bool(x == y):
+                return False
+        except Exception:  # noqa: BLE001
+            return False
+    return True
+
+
+def _key_text(key: Any) -> str:
+    return key[:160] if isinstance(key, str) else short_repr(key)
+
+
+def plain_differences(a: dict, b: dict, *, budget: int, what: str) -> list[str]:
+    """The keys (as text) whose values differ between two decoded dicts, in sorted order, within ``budget``.
+
+    Raises:
+        UnsafeBundleError: the comparison would cost more than ``budget`` weighted nodes.
+    """
+    allowance = [budget - len(a) - len(b)]
+    try:
+        if allowance[0] < 0:
+            raise _Spent
+        differing = [_key_text(k) for k in dict.keys(a) if k not in b]
+        differing += [_key_text(k) for k in dict.keys(b) if k not in a]
+        for key, value in dict.items(a):
+            if key in b and not _equal(value, dict.__getitem__(b, key), allowance):
+                differing.append(_key_text(key))
+    except _Spent:
+        raise UnsafeBundleError(
+            f"comparing {what} would visit more than {budget} objects; refused (a 'billion laughs' structure?)"
+        ) from None
+    return sorted(differing)
+
+
+def plain_equal(a: Any, b: Any, *, budget: int) -> bool:
+    """``a == b`` for decoded plain data (numpy arrays element-wise), never raising on odd values and never
+    visiting more than ``budget`` weighted nodes.
+
+    Raises:
+        UnsafeBundleError: the comparison would cost more than ``budget``.
+    """
+    try:
+        return _equal(a, b, [budget])
+    except _Spent:
+        raise UnsafeBundleError(
+            f"comparing two decoded values would visit more than {budget} objects; refused"
+        ) from None
