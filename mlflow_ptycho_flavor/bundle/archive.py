@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from mlflow_ptycho_flavor._io import PathLike, atomic_write
-from mlflow_ptycho_flavor.bundle.identify import FOREIGN_KINDS, ArtifactKind, identify_artifact, open_regular_file
+from mlflow_ptycho_flavor.bundle.identify import (
+    FOREIGN_KINDS,
+    ArtifactKind,
+    directory_extent,
+    identify_artifact,
+    open_regular_file,
+)
 from mlflow_ptycho_flavor.errors import (
     BundleError,
     CorruptBundleError,
@@ -59,9 +65,6 @@ _READ_CHUNK = 1 << 20
 #: Largest directory a refused archive may have for the refusal to identify what the file is (identification
 #: parses it); foreign files that reach the bundle reader (checkpoints, TensorFlow archives) list a few hundred.
 _IDENTIFIABLE_ENTRIES = 4096
-_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
-_EOCD64_LOCATOR = struct.Struct("<4sLQL")
-_EOCD64 = struct.Struct("<4sQ2H2L4Q")
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 
 
@@ -113,46 +116,17 @@ def resolve_bundle_path(path: PathLike, *, for_writing: bool = False) -> Path:
     return p
 
 
-def _directory_extent(handle: io.BufferedIOBase | io.BytesIO) -> tuple[int, int] | None:
-    """``(entries, directory bytes)`` from the end-of-central-directory record (zip64 when present), found the way
-    ``zipfile`` finds it, reading at most the last 64 KiB; None when there is none (``zipfile`` then says why)."""
-    handle.seek(0, os.SEEK_END)
-    file_size = handle.tell()
-    tail_start = max(file_size - (1 << 16) - _EOCD.size, 0)
-    handle.seek(tail_start)
-    tail = handle.read()
-    if len(tail) >= _EOCD.size and tail[-_EOCD.size:-_EOCD.size + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
-        start = len(tail) - _EOCD.size
-    else:
-        start = tail.rfind(b"PK\x05\x06")
-        if start < 0 or len(tail) - start < _EOCD.size:
-            return None
-    fields = _EOCD.unpack_from(tail, start)
-    entries, directory_bytes = fields[4], fields[5]
-    locator_at = tail_start + start - _EOCD64_LOCATOR.size
-    if locator_at - _EOCD64.size >= 0:
-        handle.seek(locator_at)
-        locator = handle.read(_EOCD64_LOCATOR.size)
-        if len(locator) == _EOCD64_LOCATOR.size and locator[:4] == b"PK\x06\x07":
-            handle.seek(locator_at - _EOCD64.size)
-            record = handle.read(_EOCD64.size)
-            if len(record) == _EOCD64.size and record[:4] == b"PK\x06\x06":
-                zip64 = _EOCD64.unpack(record)
-                entries, directory_bytes = zip64[7], zip64[8]
-    return entries, directory_bytes
-
-
 def _directory_problem(
     handle: io.BufferedIOBase | io.BytesIO, where: str, max_entries: int, usual: str
 ) -> tuple[str | None, tuple[int, int] | None]:
     """Why a central directory is too large to parse cheaply (or None), and its ``(entries, bytes)`` (None when
     there is no end record: then no reader parses anything).
 
-    Read from the end record the way ``zipfile`` reads it (:func:`_directory_extent`), before ``zipfile`` (or torch)
+    Read from the end record the way ``zipfile`` reads it (:func:`directory_extent`), before ``zipfile`` (or torch)
     parses anything: ``zipfile`` builds one ``ZipInfo`` per entry until it has consumed the directory size the end
     record declares, so a million entries cost seconds and hundreds of megabytes before any count could be checked.
     """
-    extent = _directory_extent(handle)
+    extent = directory_extent(handle)
     handle.seek(0)
     if extent is None:
         return None, None

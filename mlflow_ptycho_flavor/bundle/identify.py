@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, Union
 
 __all__ = [
     "ArtifactKind",
+    "directory_extent",
     "ArtifactInfo",
     "DetectLimits",
     "DEFAULT_DETECT_LIMITS",
@@ -76,11 +77,10 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _NPY_MAGIC = b"\x93NUMPY"
-_EOCD = b"PK\x05\x06"
-_EOCD64_LOCATOR = b"PK\x06\x07"
-_EOCD64 = b"PK\x06\x06"
-_EOCD_MIN = 22
-_MAX_COMMENT = 65535
+#: The end-of-central-directory records, parsed the way ``zipfile`` parses them (one parser for the package).
+_EOCD_RECORD = struct.Struct("<4s4H2LH")
+_EOCD64_LOCATOR_RECORD = struct.Struct("<4sLQL")
+_EOCD64_RECORD = struct.Struct("<4sQ2H2L4Q")
 
 #: String constants that only a Lightning checkpoint's top-level dict holds.
 _LIGHTNING_KEYS = frozenset({"pytorch-lightning_version", "optimizer_states", "lr_schedulers", "hparams_name"})
@@ -201,29 +201,33 @@ def open_regular_file(path: PathLike) -> BinaryIO:
         raise
 
 
-def _central_directory_size(handle: BinaryIO) -> tuple[int, int] | None:
-    """``(entries, directory_bytes)`` from the end-of-central-directory record (zip64 aware), or None if absent."""
+def directory_extent(handle: BinaryIO) -> tuple[int, int] | None:
+    """``(entries, directory bytes)`` from the end-of-central-directory record (zip64 when present), found the way
+    ``zipfile`` finds it, reading at most the last 64 KiB; None when there is none (``zipfile`` then says why)."""
     handle.seek(0, os.SEEK_END)
-    size = handle.tell()
-    if size < _EOCD_MIN:
-        return None
-    tail_len = min(size, _EOCD_MIN + _MAX_COMMENT)
-    handle.seek(size - tail_len)
-    tail = handle.read(tail_len)
-    where = tail.rfind(_EOCD)
-    if where < 0 or len(tail) - where < _EOCD_MIN:
-        return None
-    entries, directory_bytes = struct.unpack("<HI", tail[where + 10: where + 16])
-    if entries == 0xFFFF or directory_bytes == 0xFFFFFFFF:
-        locator = where - 20
-        if locator >= 0 and tail[locator: locator + 4] == _EOCD64_LOCATOR:
-            (record_offset,) = struct.unpack("<Q", tail[locator + 8: locator + 16])
-            if 0 <= record_offset <= size - 56:
-                handle.seek(record_offset)
-                record = handle.read(56)
-                if record[:4] == _EOCD64:
-                    entries, directory_bytes = struct.unpack("<QQ", record[32:48])
-    return int(entries), int(directory_bytes)
+    file_size = handle.tell()
+    tail_start = max(file_size - (1 << 16) - _EOCD_RECORD.size, 0)
+    handle.seek(tail_start)
+    tail = handle.read()
+    if len(tail) >= _EOCD_RECORD.size and tail[-_EOCD_RECORD.size:-_EOCD_RECORD.size + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+        start = len(tail) - _EOCD_RECORD.size
+    else:
+        start = tail.rfind(b"PK\x05\x06")
+        if start < 0 or len(tail) - start < _EOCD_RECORD.size:
+            return None
+    fields = _EOCD_RECORD.unpack_from(tail, start)
+    entries, directory_bytes = fields[4], fields[5]
+    locator_at = tail_start + start - _EOCD64_LOCATOR_RECORD.size
+    if locator_at - _EOCD64_RECORD.size >= 0:
+        handle.seek(locator_at)
+        locator = handle.read(_EOCD64_LOCATOR_RECORD.size)
+        if len(locator) == _EOCD64_LOCATOR_RECORD.size and locator[:4] == b"PK\x06\x07":
+            handle.seek(locator_at - _EOCD64_RECORD.size)
+            record = handle.read(_EOCD64_RECORD.size)
+            if len(record) == _EOCD64_RECORD.size and record[:4] == b"PK\x06\x06":
+                zip64 = _EOCD64_RECORD.unpack(record)
+                entries, directory_bytes = zip64[7], zip64[8]
+    return entries, directory_bytes
 
 
 def open_bounded_zip(handle: BinaryIO, limits: DetectLimits = DEFAULT_DETECT_LIMITS) -> zipfile.ZipFile | None:
@@ -232,7 +236,7 @@ def open_bounded_zip(handle: BinaryIO, limits: DetectLimits = DEFAULT_DETECT_LIM
     Raises:
         ZipDirectoryTooLarge: the directory lists more entries or bytes than ``limits`` allow (nothing parsed).
     """
-    counted = _central_directory_size(handle)
+    counted = directory_extent(handle)
     if counted is None:
         return None
     entries, directory_bytes = counted
