@@ -3,7 +3,7 @@
 Commands:
     demo           simulate a scan, train briefly, log + register in MLflow, reload, stitch, write a PNG
     inspect        describe a bundle or a logged model (manifest, architecture, parameters, hashes)
-    predict        reconstruct an NPZ scan with a bundle or a logged model, optionally stitched, with a PNG
+    predict        reconstruct an NPZ scan (upstream's schema or ptychodus's conventions), stitched, with a PNG
     convert        turn a Lightning checkpoint (.ckpt) or a TensorFlow wts.h5.zip into a PyTorch bundle
     log            log an existing wts.h5.zip (e.g. trained by upstream PtychoPINN) into MLflow
     serve          run ``mlflow models serve`` for a ptycho_torch model with the right flags
@@ -172,14 +172,13 @@ def _check_output_path(option: str, value: str | None) -> None:
         raise CliError(f"{option} {value} is a directory; give a file name")
 
 
-def _predict_dataset(model, dataset, *, batch_size: int | None, stitch: bool, scale: str):
+def _predict_dataset(model, dataset, *, batch_size: int | None, stitch: bool, normalize: str, factor: float | None):
     """Group (CONFIG-001: the global holds the bundle's params), predict, optionally stitch."""
     import numpy as np
 
     from mlflow_ptycho_flavor.model.grouping import group_patterns
 
     groups = group_patterns(dataset.diff3d, dataset.xcoords, dataset.ycoords)
-    normalize, factor = _parse_scale(scale)
     patches = model.predict(groups.diffraction, factor, batch_size=batch_size, normalize=normalize, progress=True)
     stitched = None
     if stitch:
@@ -189,25 +188,69 @@ def _predict_dataset(model, dataset, *, batch_size: int | None, stitch: bool, sc
     return groups, np.asarray(patches), stitched
 
 
+def _ptychodus_options_given(args: argparse.Namespace) -> bool:
+    return bool(args.counts) or any(
+        value is not None for value in (args.positions_order, args.bad_pixels, args.normalization)
+    )
+
+
+def _load_scan(args: argparse.Namespace, normalize: str, factor: float | None):
+    """The scan as amplitudes, and the (normalize, factor) pair to predict it with.
+
+    Data in ptychodus's conventions (any of ``--counts``, ``--positions-order``, ``--bad-pixels``,
+    ``--normalization`` given, or a file :func:`looks_like_ptychodus_npz` recognises) are read by
+    :func:`load_ptychodus_npz`; with ``--scale dataset`` the factor then follows ``--normalization``. Anything
+    else is read as upstream's schema by :func:`load_npz`.
+    """
+    from mlflow_ptycho_flavor.sim.ptychodus import load_ptychodus_npz, looks_like_ptychodus_npz
+
+    if not _ptychodus_options_given(args) and not looks_like_ptychodus_npz(args.data):
+        from mlflow_ptycho_flavor.sim.dataset import load_npz
+
+        return load_npz(args.data), normalize, factor
+    data = load_ptychodus_npz(
+        args.data,
+        positions=args.positions_order or "xy",
+        bad_pixels=args.bad_pixels or "mask",
+        normalization=args.normalization or "upstream",
+        input_kind="counts" if args.counts else None,
+    )
+    done = {"mask": "set to 0", "inpaint": "inpainted", "ignore": "kept as stored"}[data.bad_pixel_method]
+    bad = "none in the file" if data.bad_pixels is None else f"{int(data.bad_pixels.sum())} {done}"
+    print(
+        f"ptychodus-format data: diff3d as {data.input_kind}"
+        f"{' (amplitude = sqrt(counts))' if data.input_kind == 'counts' else ''}, bad pixels {bad}, positions "
+        f"{args.positions_order or 'xy'}, probe mode {data.probe_mode_index} of {len(data.probe_modes)}"
+        + (f", {data.normalization} normalization (scale {data.scale:.6g})" if normalize == "dataset" else "")
+    )
+    if normalize == "dataset":
+        return data.dataset, "none", data.scale
+    return data.dataset, normalize, factor
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from mlflow_ptycho_flavor._io import atomic_write
-    from mlflow_ptycho_flavor.sim.dataset import load_npz
 
     # Every argument is checked before anything is read, computed or written.
     if args.png and args.patches_only:
         raise CliError("--png needs the stitched object; drop --patches-only")
     if args.batch_size is not None and args.batch_size < 1:
         raise CliError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    _parse_scale(args.scale)
+    normalize, factor = _parse_scale(args.scale)
+    if args.normalization is not None and normalize != "dataset":
+        raise CliError(
+            f"--normalization {args.normalization} chooses the convention of the dataset factor (--scale dataset); "
+            f"drop it, or drop --scale {args.scale[:100]}"
+        )
     _check_output_path("-o", args.output)
     _check_output_path("--png", args.png)
-    dataset = load_npz(args.data)
+    dataset, normalize, factor = _load_scan(args, normalize, factor)
     model = _load_any(args.model, args.device)
     started = time.perf_counter()
     groups, patches, stitched = _predict_dataset(
-        model, dataset, batch_size=args.batch_size, stitch=not args.patches_only, scale=args.scale
+        model, dataset, batch_size=args.batch_size, stitch=not args.patches_only, normalize=normalize, factor=factor
     )
     elapsed = time.perf_counter() - started
     arrays: dict[str, Any] = {
@@ -382,15 +425,32 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     predict = sub.add_parser("predict", help="reconstruct an NPZ scan (patches or stitched object)",
-                             description="Reconstruct a scan stored in upstream's NPZ schema (diff3d, xcoords, "
-                             "ycoords, probeGuess) with a bundle or a logged model.")
+                             description="Reconstruct a scan stored in upstream's NPZ schema (diff3d amplitudes, "
+                             "xcoords, ycoords, probeGuess) or in ptychodus's conventions (integer counts, a "
+                             "(modes, N, N) probe, a bad_pixels mask; recognised by any of these, or chosen by the "
+                             "--counts/--positions-order/--bad-pixels/--normalization options) with a bundle or a "
+                             "logged model. The object is stitched unless --patches-only.")
     predict.add_argument("model", help="a wts.h5.zip path, a model directory, or a models:/ / runs:/ URI")
-    predict.add_argument("data", help="NPZ with diff3d (amplitudes), xcoords, ycoords")
+    predict.add_argument("data", help="NPZ with diff3d (amplitudes, or photon counts), xcoords, ycoords")
     predict.add_argument("-o", "--output", required=True, help="output NPZ (patches, positions, object, coverage)")
     predict.add_argument("--png", default=None, help="also write a PNG of the stitched object")
-    predict.add_argument("--patches-only", action="store_true", help="skip stitching")
+    stitching = predict.add_mutually_exclusive_group()
+    stitching.add_argument("--stitch", action="store_true", help="stitch the patches into the object (the default)")
+    stitching.add_argument("--patches-only", action="store_true", help="skip stitching")
     predict.add_argument("--scale", default="dataset",
-                         help="input factor: 'dataset' (upstream's normalization over the scan, default), 'one', or a number")
+                         help="input factor: 'dataset' (the normalization factor over the scan, default), 'one', or a number")
+    predict.add_argument("--counts", action="store_true",
+                         help="diff3d holds photon counts (amplitude = sqrt(counts)); implied when diff3d is integer")
+    predict.add_argument("--positions-order", choices=["xy", "yx"], default=None,
+                         help="xy: xcoords is the column (ptychodus's export, upstream's schema; default); yx: the "
+                         "file's pair is [row, column]")
+    predict.add_argument("--bad-pixels", choices=["mask", "inpaint", "ignore"], default=None,
+                         help="the file's bad_pixels: mask = set to 0 as ptychodus's export does (default), inpaint = "
+                         "mean of valid neighbours (models trained on complete patterns), ignore = keep the values")
+    predict.add_argument("--normalization", choices=["upstream", "ptychodus"], default=None,
+                         help="convention of --scale dataset: upstream = sqrt((N/2)^2 / mean sum amp^2), what "
+                         "bundles are trained with (default); ptychodus = sqrt(N^2 / ...), twice that, as "
+                         "ptychodus's torch path computes it")
     predict.add_argument("--batch-size", type=int, default=None, help="patterns per forward pass (default: 16 on CPU, 256 on a GPU)")
     predict.add_argument("--device", default=None, help="'cpu', 'cuda:0' or 'auto' (default: auto)")
     predict.set_defaults(func=cmd_predict)

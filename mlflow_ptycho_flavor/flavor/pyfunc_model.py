@@ -11,7 +11,10 @@ Accepted inputs:
 Params (declared in the signature's ParamSchema, so they reach the model in Python and in serving):
     ``output_format``: ``auto`` (``complex`` in Python, ``real_imag`` when serving or inside a Spark task) |
     ``complex`` | ``real_imag`` | ``amp_phase``; ``batch_size`` (0 = 16 on CPU, 256 on a GPU); ``input_kind``: ``amplitude`` |
-    ``intensity``; ``normalize``: ``none`` | ``dataset``; ``stitch`` (bool) and ``crop_size`` (0 = N/2).
+    ``counts`` (photon counts as ptychodus stores them: integers, e.g. JSON integer lists, or whole-valued floats) |
+    ``intensity`` (any non-negative intensities), both square-rooted by
+    :func:`~mlflow_ptycho_flavor.model.inference.counts_to_amplitudes`; ``normalize``: ``none`` | ``dataset``
+    (upstream's factor, computed on the amplitudes); ``stitch`` (bool) and ``crop_size`` (0 = N/2).
 
 Spark (``mlflow.pyfunc.spark_udf``, see :mod:`mlflow_ptycho_flavor.spark`): Arrow cannot carry complex numbers,
 so inside a Spark task (``pyspark.TaskContext.get()`` is set) ``auto`` resolves to ``real_imag`` and an explicit

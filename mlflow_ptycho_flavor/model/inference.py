@@ -5,9 +5,11 @@ wrapper hold: the network on its device, the params snapshot, the manifest and m
 that turns diffraction amplitudes (or raw counts) into complex object patches.
 
 Input conventions (docs/bundle-format.md §4):
-    * ``diffraction``: float ``(B, N, N)`` (single-channel models) or ``(B, C, N, N)``, amplitudes = sqrt(counts);
-      ``input_kind="intensity"`` takes raw counts (float or integer) and applies the square root here. Integer
-      arrays are refused as amplitudes: they usually mean counts passed without ``input_kind="intensity"``.
+    * ``diffraction``: float ``(B, N, N)`` (single-channel models) or ``(B, C, N, N)``, amplitudes = sqrt(counts).
+      ``input_kind="counts"`` takes photon counts as ptychodus stores them (integers, or floats holding whole
+      numbers) and ``input_kind="intensity"`` any non-negative intensities (e.g. scaled or background-subtracted
+      counts); both are square-rooted here by :func:`counts_to_amplitudes`, the package's one conversion. Integer
+      arrays are refused as amplitudes: they usually mean counts passed without ``input_kind="counts"``.
     * ``scale``: the per-sample input factor of upstream's ``forward_predict`` - a scalar, ``(B,)``, ``(B, 1)`` or
       ``(B, 1, 1, 1)``; default 1 (inputs already normalized). ``normalize="dataset"`` computes upstream's
       normalization factor ``sqrt((N/2)^2 / mean sum amp^2)`` over the whole input instead, so the result does not
@@ -37,6 +39,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "default_batch_size",
     "prepare_diffraction",
+    "counts_to_amplitudes",
     "prepare_scale",
     "dataset_normalization_factor",
     "encode_output",
@@ -44,12 +47,14 @@ __all__ = [
 ]
 
 OUTPUT_FORMATS = ("complex", "real_imag", "amp_phase")
-INPUT_KINDS = ("amplitude", "intensity")
+INPUT_KINDS = ("amplitude", "intensity", "counts")
 NORMALIZE_MODES = ("none", "dataset")
 #: Patterns per forward pass when the caller gives none: small chunks are faster on CPU (cache-resident
 #: activations; benchmarks/RESULTS.md has the measurement), large ones on a GPU.
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_CPU_BATCH_SIZE = 16
+#: Values square-rooted per chunk by :func:`counts_to_amplitudes`, bounding its float64 temporaries (~128 MiB).
+_COUNTS_CHUNK = 1024 * 128 * 128
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -115,6 +120,75 @@ def _as_array(value: Any, name: str) -> np.ndarray:
     return array
 
 
+def counts_to_amplitudes(counts: Any, *, input_kind: str = "counts", name: str = "counts") -> np.ndarray:
+    """Square-root photon counts (or intensities) into the diffraction amplitudes the network takes, as float32.
+
+    The package's one conversion from measured intensities to amplitudes (``prepare_diffraction`` and
+    :func:`mlflow_ptycho_flavor.sim.ptychodus.counts_to_amplitudes` both use it): ``amplitude = sqrt(counts)``
+    elementwise, no offset and no variance stabilisation, as upstream's data contract (DATA-001) defines
+    ``diff3d = sqrt(counts)``. The square root is taken in float64 from the exact input values and rounded once to
+    float32: the correctly rounded float32 square root (what ``np.sqrt`` of exact float32 counts gives), also for
+    integer counts above 2**24 that float32 cannot hold exactly. Processed in chunks, so the float64 temporaries
+    stay bounded whatever the input size.
+
+    Args:
+        counts: any shape; integer dtype, or floating (non-finite values are refused).
+        input_kind: ``"counts"`` (photon counts: whole numbers >= 0) or ``"intensity"`` (any real values >= 0).
+        name: how messages call the input (``"diffraction"``, ``"counts"``, ...).
+
+    Returns:
+        float32 amplitudes of the same shape (a new, contiguous array).
+
+    Raises:
+        PredictionInputError: complex, boolean or non-numeric values, NaN/inf, negative values, or (for
+            ``"counts"``) values that are not whole numbers; the message names the fix.
+    """
+    if input_kind not in ("counts", "intensity"):
+        raise PredictionInputError(f"`input_kind`={short_repr(input_kind)} is not 'counts' or 'intensity'")
+    array = np.asarray(counts)
+    if array.dtype == bool or array.dtype.kind not in "iuf":
+        hint = ("pass |field|**2 for a complex far field" if array.dtype.kind == "c"
+                else "store photon counts as integers")
+        raise PredictionInputError(
+            f"`{name}` has dtype {array.dtype}; counts must be real numbers (integer photon counts): {hint}"
+        )
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float32)
+    for start in range(0, flat.size, _COUNTS_CHUNK):
+        chunk = flat[start: start + _COUNTS_CHUNK]
+        if chunk.dtype.kind == "f":
+            finite = np.isfinite(chunk)
+            if not finite.all():
+                raise PredictionInputError(
+                    f"`{name}` holds {int(np.count_nonzero(~finite))}+ non-finite value(s) (NaN or infinite), the "
+                    f"first at flat index {start + int(np.argmin(finite))}; repair them or mark them as bad pixels"
+                )
+            if input_kind == "counts":
+                fractional = chunk != np.floor(chunk)
+                if fractional.any():
+                    example = float(chunk[fractional][0])
+                    raise PredictionInputError(
+                        f"`{name}` holds non-integer values (e.g. {example!r}) with input_kind='counts': photon "
+                        "counts are whole numbers. Pass amplitudes as amplitudes (input_kind='amplitude'); round "
+                        "and clip scaled or background-subtracted counts (np.clip(np.rint(c), 0, None)) first"
+                    )
+        values = chunk.astype(np.float64)
+        if values.size and float(values.min()) < 0:
+            raise PredictionInputError(
+                f"`{name}` holds negative counts with input_kind={input_kind!r}; counts must be >= 0 (min "
+                f"{float(values.min())!r}): clip background-subtracted data (np.clip(c, 0, None)), mark those "
+                "pixels as bad, or pass amplitudes with input_kind='amplitude'"
+            )
+        out[start: start + _COUNTS_CHUNK] = np.sqrt(values)
+    return out.reshape(array.shape)
+
+
+def _refuse_non_finite(array: np.ndarray) -> None:
+    if array.size and array.dtype.kind in "fc" and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise PredictionInputError(f"`diffraction` holds {bad} NaN or infinite value(s); clean the data first")
+
+
 def prepare_diffraction(
     diffraction: Any,
     *,
@@ -124,20 +198,28 @@ def prepare_diffraction(
 ) -> np.ndarray:
     """Validate diffraction input and return contiguous float32 amplitudes ``(B, C, N, N)``.
 
+    ``input_kind``: ``"amplitude"`` (float amplitudes, used as they are), ``"counts"`` (photon counts, integer or
+    whole-valued floats, as ptychodus stores them) or ``"intensity"`` (non-negative intensities); the last two
+    are square-rooted by :func:`counts_to_amplitudes`.
+
     Raises:
-        PredictionInputError: wrong rank, N or channel count, non-float dtype, non-finite values, negative counts.
+        PredictionInputError: wrong rank, N or channel count, wrong dtype, non-finite values, negative or
+            (``"counts"``) fractional counts.
     """
     if input_kind not in INPUT_KINDS:
         raise PredictionInputError(f"`input_kind`={short_repr(input_kind)} is not one of {INPUT_KINDS}")
     array = _as_array(diffraction, "diffraction")
-    if array.dtype.kind in "iu" and input_kind == "intensity":
-        array = array.astype(np.float32)  # photon counts are naturally integers
-    if array.dtype.kind not in "f":
-        hint = (
-            "complex input: pass amplitudes |psi| (float), not the complex field"
-            if array.dtype.kind == "c"
-            else "cast to float32 (amplitudes), or pass raw counts as float with input_kind='intensity'"
-        )
+    accepted = "f" if input_kind == "amplitude" else "fiu"
+    if array.dtype.kind not in accepted or array.dtype == bool:
+        if array.dtype.kind == "c":
+            hint = "complex input: pass amplitudes |psi| (float), not the complex field"
+        elif array.dtype.kind == "b":
+            hint = "a boolean array is a mask, not diffraction data"
+        elif input_kind == "amplitude" and array.dtype.kind in "iu":
+            hint = ("integer data are usually photon counts: pass them with input_kind='counts' (square-rooted "
+                    "here), or cast amplitudes to float32")
+        else:
+            hint = f"pass {input_kind} as integers or floats" if input_kind != "amplitude" else "cast to float32"
         raise PredictionInputError(f"`diffraction` has dtype {array.dtype}; expected floating point ({hint})")
     if array.ndim == 2 and array.shape[-1] in (N * N, channels * N * N) and array.shape[-1] != N:
         # Flattened rows, as tabular inputs (DataFrames, Spark) carry them.
@@ -166,17 +248,12 @@ def prepare_diffraction(
             f"`diffraction` has {array.shape[1]} channel(s) but this model takes C={channels} (gridsize "
             f"{int(math.isqrt(channels))}); shape must be (B, {channels}, {N}, {N})"
         )
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if array.size and not np.isfinite(array).all():
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise PredictionInputError(f"`diffraction` holds {bad} NaN or infinite value(s); clean the data first")
-    if input_kind == "intensity":
-        if array.size and float(array.min()) < 0:
-            raise PredictionInputError(
-                "`diffraction` holds negative counts with input_kind='intensity'; counts must be >= 0 "
-                "(clip background-subtracted data, or pass amplitudes with input_kind='amplitude')"
-            )
-        array = np.sqrt(array)
+    if input_kind == "amplitude":
+        array = np.ascontiguousarray(array, dtype=np.float32)
+    else:
+        _refuse_non_finite(array)
+        array = counts_to_amplitudes(array, input_kind=input_kind, name="diffraction")
+    _refuse_non_finite(array)  # also values beyond float32's range
     return array
 
 
@@ -410,11 +487,12 @@ class PtychoTorchModel:
         """Reconstruct complex object patches from diffraction patterns.
 
         Args:
-            diffraction: ``(B, N, N)`` or ``(B, C, N, N)`` float amplitudes (or counts with
-                ``input_kind="intensity"``); numpy, torch or nested lists.
+            diffraction: ``(B, N, N)`` or ``(B, C, N, N)`` float amplitudes (or photon counts with
+                ``input_kind="counts"``, intensities with ``input_kind="intensity"``); numpy, torch or nested lists.
             scale: per-sample input factor (scalar, ``(B,)``, ``(B, 1, 1, 1)``); default 1.
             batch_size: most patterns sent to the device at once (default: 16 on CPU, 256 on a GPU).
-            input_kind: ``"amplitude"`` or ``"intensity"`` (raw counts, square-rooted here).
+            input_kind: ``"amplitude"``, ``"counts"`` (whole photon counts) or ``"intensity"`` (any intensities >= 0);
+                counts and intensities are square-rooted by :func:`counts_to_amplitudes`.
             normalize: ``"none"`` or ``"dataset"`` (upstream's normalization factor over the whole input).
             output_format: ``"complex"`` (complex64 ``(B, C, N, N)``), ``"real_imag"`` or ``"amp_phase"``
                 (dicts of two float32 arrays).

@@ -44,7 +44,7 @@ factor of the chosen convention, the bad-pixel mask, all probe modes). Every cho
   ``sqrt(N**2 / ...)`` = ``2 f``, what ptychodus's torch path computes (upstream's memory-mapped dataset,
   ``data_scaling='Parseval'``), to reproduce ptychodus's own results. Both are computed after bad-pixel handling.
 
-Nothing here imports torch or MLflow.
+Nothing here imports MLflow.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from mlflow_ptycho_flavor.errors import DatasetError
+from mlflow_ptycho_flavor.errors import DatasetError, PredictionInputError
+from mlflow_ptycho_flavor.model.inference import counts_to_amplitudes as model_counts_to_amplitudes
 from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, normalization_factor
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "normalization_scale",
     "apply_bad_pixels",
     "load_ptychodus_npz",
+    "looks_like_ptychodus_npz",
     "POSITION_ORDERS",
     "BAD_PIXEL_METHODS",
     "NORMALIZATIONS",
@@ -80,7 +82,7 @@ POSITION_ORDERS: tuple[str, ...] = ("xy", "yx")
 BAD_PIXEL_METHODS: tuple[str, ...] = ("mask", "inpaint", "ignore")
 NORMALIZATIONS: tuple[str, ...] = ("upstream", "ptychodus")
 _INPUT_KINDS: tuple[str, ...] = ("counts", "amplitude")
-#: Patterns converted per chunk, bounding the float64 temporaries.
+#: Patterns inpainted per chunk, bounding the float64 temporaries.
 _CHUNK = 1024
 
 
@@ -119,9 +121,9 @@ def _check_option(value: Any, allowed: tuple[str, ...], name: str) -> str:
 def counts_to_amplitudes(counts: Any) -> np.ndarray:
     """Convert photon counts to the diffraction amplitudes the network takes: ``sqrt(counts)`` as float32.
 
-    The square root is taken in float64 and rounded once to float32, which for counts is the correctly rounded
-    float32 square root (the same value ``np.sqrt`` of exact float32 counts gives). No offset or variance
-    stabilisation is applied: upstream's data contract (DATA-001) defines ``diff3d = sqrt(counts)``.
+    The package's one conversion, :func:`mlflow_ptycho_flavor.model.inference.counts_to_amplitudes` (float64
+    square root of the exact counts, rounded once to float32; no offset or variance stabilisation, as upstream's
+    data contract DATA-001 defines ``diff3d = sqrt(counts)``), with its refusals reported as dataset errors.
 
     Args:
         counts: any shape, integer dtype, or floating with integral values (e.g. counts saved as float32).
@@ -132,40 +134,10 @@ def counts_to_amplitudes(counts: Any) -> np.ndarray:
     Raises:
         DatasetError: the values are complex, boolean or non-numeric, non-finite, negative, or not whole numbers.
     """
-    array = np.asarray(counts)
-    if array.dtype == bool or array.dtype.kind not in "iuf":
-        raise DatasetError(
-            f"counts must be real numbers (integer photon counts), got dtype {array.dtype}; "
-            + ("pass |field|**2 for a complex far field." if array.dtype.kind == "c" else "store them as integers.")
-        )
-    flat = array.reshape(-1) if array.ndim else array.reshape(1)
-    out = np.empty(flat.shape, dtype=np.float32)
-    step = _CHUNK * 128 * 128
-    for start in range(0, flat.size, step):
-        chunk = flat[start: start + step]
-        if chunk.dtype.kind == "f":
-            finite = np.isfinite(chunk)
-            if not finite.all():
-                first = start + int(np.argmin(finite))
-                raise DatasetError(
-                    f"counts hold {int((~finite).sum())}+ non-finite value(s) (NaN/inf), the first at flat index "
-                    f"{first}; mark such pixels in `bad_pixels` or repair them."
-                )
-            if (chunk != np.floor(chunk)).any():
-                bad = chunk[chunk != np.floor(chunk)][0]
-                raise DatasetError(
-                    f"counts hold non-integer values (e.g. {float(bad)!r}): photon counts are whole numbers. If these "
-                    "are amplitudes, load them as amplitudes; if they are background-subtracted counts, round and "
-                    "clip them (np.clip(np.rint(c), 0, None)) first."
-                )
-        values = chunk.astype(np.float64)
-        if values.size and float(values.min()) < 0:
-            raise DatasetError(
-                f"counts hold negative values (min {float(values.min())!r}); counts are >= 0. Clip background-"
-                "subtracted data (np.clip(c, 0, None)) or mark those pixels in `bad_pixels`."
-            )
-        out[start: start + step] = np.sqrt(values)
-    return out.reshape(array.shape)
+    try:
+        return model_counts_to_amplitudes(counts, input_kind="counts", name="counts")
+    except PredictionInputError as exc:
+        raise DatasetError(str(exc)) from exc
 
 
 def normalization_scale(amplitudes: np.ndarray, convention: Normalization = "upstream") -> float:
@@ -273,6 +245,42 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                         f"`{key[:80]}` in {str(path)[:200]!r} cannot be read ({type(exc).__name__}: {exc})."
                     ) from exc
     return arrays
+
+
+def _npy_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Shape and dtype of the member ``key`` of an NPZ, from its ``.npy`` header alone (no data read)."""
+    name = f"{key}.npy"
+    if name not in archive.namelist():
+        return None
+    with archive.open(name) as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(member)
+    return tuple(shape), np.dtype(dtype)
+
+
+def looks_like_ptychodus_npz(path: str | os.PathLike[str]) -> bool:
+    """True when an NPZ is in ptychodus's conventions rather than upstream's schema.
+
+    Any one sign is enough: a ``bad_pixels`` key, an integer ``diff3d`` (or ``diffraction``: photon counts), or a
+    3-D ``probeGuess`` (a modes axis). Decided from the zip directory and the ``.npy`` headers only, so the cost
+    does not grow with the data. A file that cannot be read that way gives False: :func:`~.dataset.load_npz`
+    then reports what is wrong with it.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "bad_pixels.npy" in archive.namelist():
+                return True
+            for key in ("diff3d", "diffraction"):
+                header = _npy_header(archive, key)
+                if header is not None:
+                    if header[1].kind in "iu":
+                        return True
+                    break
+            probe = _npy_header(archive, "probeGuess")
+            return probe is not None and len(probe[0]) == 3
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+        return False
 
 
 def _bad_pixel_mask(raw: Any, shape: tuple[int, ...]) -> np.ndarray:
