@@ -6,6 +6,7 @@ Commands:
     predict        reconstruct an NPZ scan (upstream's schema or ptychodus's conventions), stitched, with a PNG
     convert        turn a Lightning checkpoint (.ckpt) or a TensorFlow wts.h5.zip into a PyTorch bundle
     log            log an existing wts.h5.zip (e.g. trained by upstream PtychoPINN) into MLflow
+    fetch          write a logged model's bundle where a consumer expects it (ptychodus's model.zip), verified
     serve          run ``mlflow models serve`` for a ptycho_torch model with the right flags
     simulate       write a simulated scan (upstream's NPZ schema)
     spark-predict  batch inference on Spark (needs the ``spark`` extra)
@@ -335,6 +336,17 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from mlflow_ptycho_flavor.fetch import fetch_bundle
+
+    if args.tracking_uri:
+        _set_tracking(args.tracking_uri)
+    fetched = fetch_bundle(args.model_uri, args.to, layout=args.layout)
+    print(f"fetched {args.model_uri} -> {fetched.path}")
+    _print_table([("bundle", fetched.bundle), ("sha256 (verified)", fetched.sha256), ("bytes", fetched.size_bytes)])
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     # This interpreter's MLflow (never another one found on PATH), with this interpreter's bin folder on PATH so
     # that MLflow finds the uvicorn next to it when the venv is not activated.
@@ -395,6 +407,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from mlflow_ptycho_flavor.fetch import FETCH_LAYOUTS
+
     parser = argparse.ArgumentParser(
         prog="ptycho-flavor",
         description="PtychoPINN PyTorch models (wts.h5.zip) as MLflow models: demo, inspect, predict, convert, log, "
@@ -479,6 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--run-name", default=None, help="run name")
     log.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLflow's default)")
     log.set_defaults(func=cmd_log)
+
+    fetch = sub.add_parser("fetch", help="write a logged model's bundle where a consumer expects it (model.zip ...)",
+                           description="Download the wts.h5.zip of a logged ptycho_torch model, check it against "
+                           "the bundle_sha256 its MLmodel records, and write it atomically: as TO/model.zip (what "
+                           "ptychodus's batch mode reads from its input folder), as TO/wts.h5.zip (upstream "
+                           "PtychoPINN's name), or as the whole model directory TO. Needs only mlflow-skinny (no "
+                           "pandas). A bundle whose hash differs is refused and nothing is written.")
+    fetch.add_argument("model_uri", help="models:/name@alias, models:/name/3, runs:/<run_id>/<name>, or a model directory")
+    fetch.add_argument("--to", required=True, help="the folder to write into (created when missing)")
+    fetch.add_argument("--as", dest="layout", choices=FETCH_LAYOUTS, default="model.zip",
+                       help="model.zip (ptychodus, default), wts.h5.zip (upstream), or dir (TO becomes the model "
+                       "directory; it must be absent or empty)")
+    fetch.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking and registry URI (default: MLflow's, e.g. MLFLOW_TRACKING_URI)")
+    fetch.set_defaults(func=cmd_fetch)
 
     serve = sub.add_parser("serve", help="serve a model with mlflow models serve",
                            description="Hand over to 'mlflow models serve' with --env-manager local. POST "

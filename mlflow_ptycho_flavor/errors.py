@@ -37,6 +37,8 @@ __all__ = [
     "FlavorUnavailableError",
     "NonFiniteWeightsError",
     "MAX_QUOTED_CHARS",
+    "ModelFetchError",
+    "BundleHashMismatchError",
     "short_repr",
     "short_message",
     "short_error",
@@ -271,3 +273,13 @@ class NonFiniteWeightsError(CorruptBundleError, ValueError):
     (``save_torch_bundle``, ``write_bundle``, ``read_bundle``, ``load_torch_bundle``) lets them through for
     forensics. A ``ValueError`` too, since at save time it is the caller's network that is refused.
     """
+
+
+class ModelFetchError(PtychoFlavorError):
+    """A model URI cannot be fetched as a ``ptycho_torch`` bundle: it is not an MLflow model, not a ``ptycho_torch``
+    one, or its MLmodel does not say which file the bundle is and what its sha256 is; nothing was written."""
+
+
+class BundleHashMismatchError(ModelFetchError, CorruptBundleError):
+    """The bundle downloaded from a model differs from the bytes its MLmodel's ``bundle_sha256`` records (a damaged
+    or replaced artifact); nothing was written."""

@@ -18,7 +18,7 @@ RANKS = {
     "bundle": 2,
     "model": 3, "convert": 3,
     "sim": 4,
-    "flavor": 5, "_mlflow_hook": 5,
+    "flavor": 5, "_mlflow_hook": 5, "fetch": 5,
     "cli": 6, "demo": 6, "__main__": 6, "__init__": 6,
 }
 LOWER_LAYERS = ("network", "bundle", "model", "convert", "sim")
