@@ -134,6 +134,10 @@ def test_ptychodus_files_are_recognised_from_their_headers(files, scan, tmp_path
     np.savez(probe_only, diff3d=np.sqrt(counts).astype(np.float32), probeGuess=dataset.probeGuess[None],
              xcoords=dataset.xcoords, ycoords=dataset.ycoords)
     assert looks_like_ptychodus_npz(probe_only)
+    integer_only = tmp_path / "counts.npz"  # upstream's keys and probe shape, but integer counts
+    np.savez(integer_only, diff3d=counts, probeGuess=dataset.probeGuess, xcoords=dataset.xcoords,
+             ycoords=dataset.ycoords)
+    assert looks_like_ptychodus_npz(integer_only)
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
     assert not looks_like_ptychodus_npz(tmp_path / "junk.npz")
 
@@ -238,7 +242,7 @@ def test_pyfunc_takes_counts_and_gives_the_amplitude_object(pyfunc_model, files,
 # model: fetch with pandas blocked
 # ----------------------------------------------------------------------------------------------------------------
 FETCH_SCRIPT = """
-import contextlib, io, json, os, sys
+import contextlib, io, json, sys
 from pathlib import Path
 
 from mlflow_ptycho_flavor import cli
