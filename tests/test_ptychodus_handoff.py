@@ -5,7 +5,9 @@
   through ``ptycho-flavor predict --stitch`` and through the pyfunc (``input_kind="counts"``, also as the JSON
   integer lists MLflow's scoring handler decodes) and gives the same stitched object as the equivalent amplitude
   input in upstream's schema: ``sqrt(counts)`` with the bad pixels zeroed, written here with numpy's own square
-  root. Both sides are computed in the same test run, so they are compared bit for bit.
+  root. What reaches the network (amplitudes, factors, positions) is compared bit for bit; the network's outputs
+  to float32 rounding (``_assert_same_result``), because two runs of the same float32 network on this shared CPU
+  have been seen to differ by ~2e-6 in one pattern of a batch.
 * Model: ``ptycho-flavor fetch`` runs in a fresh interpreter where pandas cannot be imported (``mlflow-skinny``'s
   situation, as ptychodus has it) against a real sqlite tracking/registry store under ``tmp_path``, for
   ``models:/name@alias``, ``models:/name/<version>`` and ``runs:/`` URIs and all three layouts; a stored bundle
@@ -29,9 +31,9 @@ import pytest
 
 from mlflow_ptycho_flavor import cli, save_torch_bundle
 from mlflow_ptycho_flavor.errors import PredictionInputError
-from mlflow_ptycho_flavor.model.inference import counts_to_amplitudes, prepare_diffraction
-from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, normalization_factor, save_npz
-from mlflow_ptycho_flavor.sim.ptychodus import looks_like_ptychodus_npz
+from mlflow_ptycho_flavor.model.inference import PtychoTorchModel, counts_to_amplitudes, prepare_diffraction
+from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, load_npz, normalization_factor, save_npz
+from mlflow_ptycho_flavor.sim.ptychodus import load_ptychodus_npz, looks_like_ptychodus_npz
 from mlflow_ptycho_flavor.sim.simulate import simulate_dataset
 from test_host_safety import BLOCKER
 
@@ -97,6 +99,16 @@ def bundle(tmp_path_factory):
                              tmp_path_factory.mktemp("handoff-bundle") / "wts.h5")
 
 
+def _assert_same_result(actual, expected, err_msg: str = "") -> None:
+    """Network outputs of identical inputs: equal to float32 rounding (values are O(1); the options compared here
+    change them by > 1e-2)."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=err_msg)
+
+
+def _clearly_different(a, b) -> bool:
+    return a.shape != b.shape or float(np.abs(a - b).max()) > 1e-3
+
+
 def _predict(capsys, bundle, data, out, *options) -> tuple[dict, str]:
     code = cli.main(["predict", str(bundle), str(data), "-o", str(out), *options])
     captured = capsys.readouterr()
@@ -143,20 +155,28 @@ def test_ptychodus_files_are_recognised_from_their_headers(files, scan, tmp_path
 
 
 def test_cli_predict_stitches_ptychodus_data_like_the_amplitude_input(capsys, bundle, files, tmp_path):
+    # what predict feeds the network: the same amplitudes and the same upstream factor, bit for bit
+    converted, reference = load_ptychodus_npz(files["ptychodus"]), load_npz(files["amplitude"])
+    np.testing.assert_array_equal(converted.dataset.diff3d, reference.diff3d)
+    assert converted.scale == normalization_factor(reference.diff3d)
+
     ptychodus, printed = _predict(capsys, bundle, files["ptychodus"], tmp_path / "p.npz", "--stitch")
     amplitude, _ = _predict(capsys, bundle, files["amplitude"], tmp_path / "a.npz")
     assert "ptychodus-format data: diff3d as counts (amplitude = sqrt(counts))" in printed
     assert f"bad pixels {len(BAD)} set to 0" in printed and "upstream normalization" in printed
     assert set(ptychodus) == set(amplitude) >= {"object", "patches", "positions", "coverage"}
-    for key in amplitude:
+    for key in ("positions", "indices", "coverage", "origin"):
         np.testing.assert_array_equal(ptychodus[key], amplitude[key], err_msg=key)
+    for key in ("patches", "object"):
+        _assert_same_result(ptychodus[key], amplitude[key], err_msg=key)
     assert np.abs(ptychodus["object"]).max() > 0
 
     # [y, x] pairs read with --positions-order yx are the same scan
     swapped, _ = _predict(capsys, bundle, files["yx"], tmp_path / "yx.npz", "--positions-order", "yx")
-    np.testing.assert_array_equal(swapped["object"], amplitude["object"])
+    np.testing.assert_array_equal(swapped["positions"], amplitude["positions"])
+    _assert_same_result(swapped["object"], amplitude["object"])
     misread, _ = _predict(capsys, bundle, files["yx"], tmp_path / "yx-as-xy.npz")
-    assert not np.array_equal(misread["positions"], amplitude["positions"])
+    assert _clearly_different(misread["positions"], amplitude["positions"])
 
 
 def test_cli_normalization_and_bad_pixel_choices(capsys, bundle, files, scan, tmp_path):
@@ -167,14 +187,14 @@ def test_cli_normalization_and_bad_pixel_choices(capsys, bundle, files, scan, tm
     assert "ptychodus normalization" in printed
     # ptychodus's torch path uses N^2 where upstream uses (N/2)^2: the factor doubles
     doubled, _ = _predict(capsys, bundle, files["amplitude"], tmp_path / "a2.npz", "--scale", repr(2 * factor))
-    np.testing.assert_array_equal(ptychodus["patches"], doubled["patches"])
+    _assert_same_result(ptychodus["patches"], doubled["patches"])
     upstream, _ = _predict(capsys, bundle, files["amplitude"], tmp_path / "a1.npz")
-    assert not np.array_equal(ptychodus["patches"], upstream["patches"])
+    assert _clearly_different(ptychodus["patches"], upstream["patches"])
 
     inpainted, printed = _predict(capsys, bundle, files["ptychodus"], tmp_path / "i.npz", "--patches-only",
                                   "--bad-pixels", "inpaint")
     assert f"bad pixels {len(BAD)} inpainted" in printed and "object" not in inpainted
-    assert not np.array_equal(inpainted["patches"], upstream["patches"])  # other inputs at the bad pixels
+    assert _clearly_different(inpainted["patches"], upstream["patches"])  # other inputs at the bad pixels
 
 
 @pytest.mark.parametrize(
@@ -220,13 +240,18 @@ def test_pyfunc_takes_counts_and_gives_the_amplitude_object(pyfunc_model, files,
         positions = np.stack([stored["xcoords"], stored["ycoords"]], axis=1)
     assert diffraction.dtype.kind == "i"
     stitch = {"normalize": "dataset", "stitch": True}
+    native = PtychoTorchModel.from_bundle(bundle, "cpu")  # what the pyfunc feeds its network, bit for bit
+    from_counts_inputs = native.prepare(diffraction, input_kind="counts", normalize="dataset")
+    from_amplitude_inputs = native.prepare(_amplitudes(counts, mask), normalize="dataset")
+    for got, want in zip(from_counts_inputs, from_amplitude_inputs):
+        np.testing.assert_array_equal(got, want)
     from_counts = pyfunc_model.predict({"diffraction": diffraction, "positions": positions},
                                        params={**stitch, "input_kind": "counts"})
     from_amplitudes = pyfunc_model.predict({"diffraction": _amplitudes(counts, mask), "positions": positions},
                                            params=stitch)
-    np.testing.assert_array_equal(from_counts, from_amplitudes)
+    _assert_same_result(from_counts, from_amplitudes)
     cli_object, _ = _predict(capsys, bundle, files["ptychodus"], tmp_path / "p.npz")
-    np.testing.assert_array_equal(from_counts, cli_object["object"])
+    _assert_same_result(from_counts, cli_object["object"])
 
     # JSON integer counts through MLflow's own request handler (what `mlflow models serve` runs per request)
     body = json.dumps({"inputs": {"diffraction": diffraction.tolist(), "positions": positions.tolist()},
@@ -235,7 +260,7 @@ def test_pyfunc_takes_counts_and_gives_the_amplitude_object(pyfunc_model, files,
     assert response.status == 200, response.response[:500]
     predictions = json.loads(response.response)["predictions"]
     served = np.asarray(predictions["real"], np.float32) + 1j * np.asarray(predictions["imag"], np.float32)
-    np.testing.assert_array_equal(served, from_counts)
+    _assert_same_result(served, from_counts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
