@@ -92,8 +92,11 @@ def test_counts_file_gives_the_same_dataset_and_object_as_the_amplitude_input(fi
     assert loaded.scale == normalization_factor(reference.diff3d)
     patches, obj = _stitched(loaded.dataset, loaded.scale)
     ref_patches, ref_obj = _stitched(reference, normalization_factor(reference.diff3d))
-    np.testing.assert_array_equal(patches, ref_patches)
-    np.testing.assert_array_equal(obj, ref_obj)
+    # The inputs above are equal bit for bit; the two forward passes are compared to float32 rounding, because two
+    # runs of the same network on equal inputs held in different buffers have differed by ~2e-6 on this CPU
+    # (alignment-dependent vector kernels).
+    np.testing.assert_allclose(patches, ref_patches, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(obj, ref_obj, rtol=0, atol=1e-5)
     assert np.abs(obj).max() > 0
 
 
