@@ -154,3 +154,25 @@ def test_network_only_arguments_are_refused_for_a_tensorflow_archive(tmp_path):
     with pytest.raises(MlflowException, match="a bundle path is stored as it is"):
         mlflow.ptycho_torch.save_model(str(TF_ARCHIVE), tmp_path / "model", intensity_scale=2.0)
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.slow
+def test_served_tensorflow_model_answers_with_the_standalone_numbers(tmp_path):
+    """A TF archive saved as an MLflow model, served by a real ``mlflow models serve`` on loopback, answers with the
+    numbers of the standalone converted bundle (another process: compared to float32 rounding, 1e-5) and within
+    1e-4 x max|obj| of TensorFlow's own recorded output (docs/bundle-format.md §9.10)."""
+    from serving_tools import ModelServer
+
+    model_dir = tmp_path / "model"
+    mlflow.ptycho_torch.save_model(str(TF_ARCHIVE), model_dir)
+    data = _io(TF_DIR)
+    x = data["x_normed_nchw"]
+    standalone = _standalone_output(convert_tf_bundle(TF_ARCHIVE, tmp_path / "standalone.zip"), x,
+                                    np.ones(x.shape[0], np.float32))
+    with ModelServer(str(model_dir), log_path=tmp_path / "server.log") as server:
+        status, body = server.invoke({"inputs": x.tolist()})
+    assert status == 200, body
+    served = np.asarray(body["predictions"]["real"], np.float32) + 1j * np.asarray(body["predictions"]["imag"],
+                                                                                   np.float32)
+    np.testing.assert_allclose(served, standalone, rtol=0, atol=1e-5)
+    assert float(np.abs(served - data["obj"]).max()) <= 1e-4 * float(np.abs(data["obj"]).max())
