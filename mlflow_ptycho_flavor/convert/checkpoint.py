@@ -66,7 +66,8 @@ from mlflow_ptycho_flavor.bundle.identify import (
     open_regular_file,
     torch_archive_prefix,
 )
-from mlflow_ptycho_flavor.bundle.io import BACKEND, write_bundle
+from mlflow_ptycho_flavor.bundle.io import BACKEND
+from mlflow_ptycho_flavor.bundle.writer import write_bundle
 from mlflow_ptycho_flavor.bundle.metadata import (
     METADATA_SCHEMA_VERSION,
     check_params_agree,

@@ -41,7 +41,8 @@ import torch
 
 from mlflow_ptycho_flavor._io import PathLike
 from mlflow_ptycho_flavor.bundle.archive import DEFAULT_LIMITS, BundleLimits, resolve_bundle_path
-from mlflow_ptycho_flavor.bundle.io import INFERENCE_MODEL, save_torch_bundle
+from mlflow_ptycho_flavor.bundle.io import INFERENCE_MODEL
+from mlflow_ptycho_flavor.bundle.writer import save_torch_bundle
 from mlflow_ptycho_flavor.convert.tensorflow.archive import (
     _MAX_CONFIG_JSON_BYTES,
     _MAX_MODEL_H5_BYTES,
