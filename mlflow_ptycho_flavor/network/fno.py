@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlflow_ptycho_flavor.errors import StateDictMismatchError
-from mlflow_ptycho_flavor.network.common import ForwardModel, fixed_input_scale
+from mlflow_ptycho_flavor.network.common import ForwardModel, ScaledInputNetwork, fixed_input_scale
 from mlflow_ptycho_flavor.network.fno_config import FnoNetworkConfig
 
 __all__ = [
@@ -368,7 +368,7 @@ def check_aliases_agree(config: FnoNetworkConfig, state_dict: Mapping[str, Any])
 # --------------------------------------------------------------------------------------------------------------
 # The network
 # --------------------------------------------------------------------------------------------------------------
-class PtychoFnoNetwork(nn.Module):
+class PtychoFnoNetwork(ScaledInputNetwork):
     """An FNO-family ``diffraction_to_obj`` network: amplitudes ``(B, C, N, N)`` float32 -> complex64 patches.
 
     ``forward(x, input_scale_factor)`` follows upstream's ``forward_predict`` (§8.4, §8.6): the input is
@@ -402,15 +402,6 @@ class PtychoFnoNetwork(nn.Module):
         network.load_state_dict(state_dict, strict=True, assign=True)
         return network
 
-    @property
-    def input_channels(self) -> int:
-        return self.config.channels
-
-    @property
-    def uses_fixed_input_scale(self) -> bool:
-        """True when the model ignores the caller's scale factor (trainable intensity scale, §8.4)."""
-        return self._fixed_input_scale is not None
-
     def forward(self, x: torch.Tensor, input_scale_factor: torch.Tensor | float | None = None) -> torch.Tensor:
         """Predict complex object patches from amplitude patterns.
 
@@ -422,10 +413,7 @@ class PtychoFnoNetwork(nn.Module):
         Returns:
             complex64 ``(B, C, N, N)``.
         """
-        if self._fixed_input_scale is not None:
-            x = x * self._fixed_input_scale
-        elif input_scale_factor is not None:
-            x = x * input_scale_factor
+        x = self.scaled_input(x, input_scale_factor)
         return self.model.autoencoder(x)
 
     def extra_repr(self) -> str:
