@@ -446,7 +446,7 @@ def test_batch_norm_checkpoint_with_int64_buffers_converts_exactly(tmp_path, che
 
 def test_a_written_bundle_that_would_not_load_never_replaces_the_destination(tmp_path, checkpoint):
     """write_bundle(verify=True), the converter's last step: the finished archive is re-read before the rename."""
-    from mlflow_ptycho_flavor.bundle.io import write_bundle
+    from mlflow_ptycho_flavor.bundle.writer import write_bundle
 
     contents = read_bundle(UPSTREAM_BUNDLE)
     incomplete = OrderedDict(list(checkpoint.state_dict.items())[:-1])  # one weight short of the configured network

@@ -45,7 +45,7 @@ from mlflow_ptycho_flavor.network import (
     PtychoFnoNetwork,
     describe_architecture,
 )
-from mlflow_ptycho_flavor.network.fno import FNO_INPUT_TRANSFORMS, GENERATOR_OUTPUT_MODES
+from mlflow_ptycho_flavor.network.fno_config import FNO_INPUT_TRANSFORMS, GENERATOR_OUTPUT_MODES
 
 WEIGHTS = "diffraction_to_obj/model.pth"
 METADATA = "torch_scaling_metadata.pt"

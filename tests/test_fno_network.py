@@ -25,16 +25,14 @@ import pytest
 import torch
 
 from mlflow_ptycho_flavor.errors import ConfigMismatchError, StateDictMismatchError, UnsupportedBundleError
-from mlflow_ptycho_flavor.network.fno import (
+from mlflow_ptycho_flavor.network.fno import PtychoFnoNetwork, alias_groups, check_aliases_agree
+from mlflow_ptycho_flavor.network.fno_config import (
     FNO_ARCHITECTURES,
     FNO_CONFIG_LIMITS,
     FNO_INPUT_TRANSFORMS,
     GENERATOR_OUTPUT_MODES,
     UPSTREAM_FNO_DEFAULTS,
     FnoNetworkConfig,
-    PtychoFnoNetwork,
-    alias_groups,
-    check_aliases_agree,
     fno_config_from_metadata,
     fno_model_config_fields,
 )

@@ -22,7 +22,7 @@ from typing import Any
 from mlflow_ptycho_flavor.bundle.params import BUNDLE_PARAM_DEFAULTS
 from mlflow_ptycho_flavor.errors import ConfigMismatchError, CorruptBundleError, UnsupportedBundleError, short_repr
 from mlflow_ptycho_flavor.network import AnyNetworkConfig, FnoNetworkConfig, NetworkConfig
-from mlflow_ptycho_flavor.network.fno import (
+from mlflow_ptycho_flavor.network.fno_config import (
     FNO_ARCHITECTURES,
     fno_config_from_metadata,
     fno_model_config_fields,

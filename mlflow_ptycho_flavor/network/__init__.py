@@ -22,7 +22,8 @@ import torch
 from mlflow_ptycho_flavor.errors import InvalidArgumentError
 from mlflow_ptycho_flavor.network.cnn import PtychoPINNNetwork, encoder_depth
 from mlflow_ptycho_flavor.network.config import SUPPORTED_PATCH_SIZES, NetworkConfig
-from mlflow_ptycho_flavor.network.fno import FNO_ARCHITECTURES, FnoNetworkConfig, PtychoFnoNetwork
+from mlflow_ptycho_flavor.network.fno import PtychoFnoNetwork
+from mlflow_ptycho_flavor.network.fno_config import FNO_ARCHITECTURES, FnoNetworkConfig
 
 __all__ = [
     "AnyNetworkConfig",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlflow_ptycho_flavor.errors import UnsupportedBundleError
-from mlflow_ptycho_flavor.network.common import ForwardModel, fixed_input_scale
+from mlflow_ptycho_flavor.network.common import ForwardModel, ScaledInputNetwork, fixed_input_scale
 from mlflow_ptycho_flavor.network.config import NetworkConfig
 
 __all__ = ["PtychoPINNNetwork", "encoder_depth"]
@@ -365,7 +365,7 @@ class _PtychoPINNCore(nn.Module):
             self.forward_model = ForwardModel(cfg.num_datasets)
 
 
-class PtychoPINNNetwork(nn.Module):
+class PtychoPINNNetwork(ScaledInputNetwork):
     """The ``diffraction_to_obj`` network: amplitudes ``(B, C, N, N)`` float32 -> complex64 object patches.
 
     ``forward(x, input_scale_factor)`` follows upstream's ``forward_predict`` (docs/bundle-format.md §4.1, §8.4): the input is
@@ -404,15 +404,6 @@ class PtychoPINNNetwork(nn.Module):
                 module.border_mask = _border_mask(config.N)
         return network
 
-    @property
-    def input_channels(self) -> int:
-        return self.config.channels
-
-    @property
-    def uses_fixed_input_scale(self) -> bool:
-        """True when the model ignores the caller's scale factor (trainable intensity scale, §8.4)."""
-        return self._fixed_input_scale is not None
-
     def forward(self, x: torch.Tensor, input_scale_factor: torch.Tensor | float | None = None) -> torch.Tensor:
         """Predict complex object patches from amplitude patterns.
 
@@ -424,10 +415,7 @@ class PtychoPINNNetwork(nn.Module):
         Returns:
             complex64 ``(B, C, N, N)``.
         """
-        if self._fixed_input_scale is not None:
-            x = x * self._fixed_input_scale
-        elif input_scale_factor is not None:
-            x = x * input_scale_factor
+        x = self.scaled_input(x, input_scale_factor)
         first, second = self.model.autoencoder(x)
         if first.shape != second.shape:
             raise UnsupportedBundleError(

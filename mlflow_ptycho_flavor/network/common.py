@@ -1,13 +1,15 @@
-"""Pieces every architecture shares: the training-physics parameters and the fixed input scale (§3.7, §8.4)."""
+"""Pieces every architecture shares: the training-physics parameters, the fixed input scale and the input handling
+around the generator core (§3.7, §8.4)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ForwardModel", "fixed_input_scale"]
+__all__ = ["ForwardModel", "ScaledInputNetwork", "fixed_input_scale"]
 
 
 class _RectScaler(nn.Module):
@@ -41,3 +43,31 @@ def fixed_input_scale(trainable: bool, intensity_scale: float) -> torch.Tensor |
     if not bool(log_scale):
         return None
     return torch.exp(log_scale)
+
+
+class ScaledInputNetwork(nn.Module):
+    """The input handling both generator families share: the channel count, the fixed input scale, and scaling
+    the input by it or by the caller's factor (docs/bundle-format.md §8.4).
+
+    Subclasses set ``config`` and ``_fixed_input_scale`` (from :func:`fixed_input_scale`) in ``__init__``.
+    """
+
+    config: Any
+    _fixed_input_scale: torch.Tensor | None
+
+    @property
+    def input_channels(self) -> int:
+        return self.config.channels
+
+    @property
+    def uses_fixed_input_scale(self) -> bool:
+        """True when the model ignores the caller's scale factor (trainable intensity scale, §8.4)."""
+        return self._fixed_input_scale is not None
+
+    def scaled_input(self, x: torch.Tensor, input_scale_factor: torch.Tensor | float | None) -> torch.Tensor:
+        """``x`` times the fixed scale when the network has one, else times the caller's factor (``None`` means 1)."""
+        if self._fixed_input_scale is not None:
+            return x * self._fixed_input_scale
+        if input_scale_factor is not None:
+            return x * input_scale_factor
+        return x
