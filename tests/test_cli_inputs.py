@@ -254,3 +254,15 @@ def test_reconstruction_figure_follows_the_umask(umask, tmp_path):
     obj = np.exp(1j * np.linspace(0, 1, 32 * 32)).reshape(32, 32).astype(np.complex64)
     path = save_reconstruction_figure(tmp_path / "fig.png", obj, truth=obj)
     assert _mode(Path(path)) == 0o666 & ~umask
+
+
+def test_ptychodus_npz_whose_header_claims_150_gib_is_refused_without_allocating(tmp_path):
+    """The ptychodus reader reads members through the same guarded reader as ``load_npz``."""
+    from mlflow_ptycho_flavor.errors import DatasetError
+    from mlflow_ptycho_flavor.sim.ptychodus import load_ptychodus_npz
+
+    scan = _write_claiming_npz(tmp_path / "claims.npz", zipfile.ZIP_DEFLATED)
+    started = time.perf_counter()
+    with pytest.raises(DatasetError, match="diff3d"):
+        load_ptychodus_npz(scan, input_kind="counts")
+    assert time.perf_counter() - started < 5

@@ -316,27 +316,35 @@ def load_npz(path: str | os.PathLike[str]) -> PtychoDataset:
     return PtychoDataset(**arrays)
 
 
+def read_npz_member(npz: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
+    """One member of an open NPZ, read safely: its declared size checked first (:func:`_check_declared_size`),
+    pickled object arrays refused without unpickling, and every read failure a :class:`DatasetError` that quotes
+    at most a few hundred characters of the key and the path."""
+    name, place = key[:80], where[:200]
+    _check_declared_size(npz, key, where)
+    try:
+        return npz[key]
+    except MemoryError as exc:
+        raise DatasetError(f"`{name}` in {place!r} does not fit in memory; use a smaller dataset.") from exc
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DatasetError(
+                f"`{name}` in {place!r} is a pickled object array; it was refused without unpickling "
+                "(loading pickles can run arbitrary code). Re-save it as a plain numeric array."
+            ) from exc
+        raise DatasetError(f"`{name}` in {place!r} cannot be read ({str(exc)[:200]}); the file is corrupt.") from exc
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DatasetError(
+            f"`{name}` in {place!r} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); the file is corrupt."
+        ) from exc
+
+
 def _read_members(npz: np.lib.npyio.NpzFile, where: str) -> dict[str, Any]:
     """Read the schema's keys from an open archive into constructor arguments of :class:`PtychoDataset`."""
     keys = set(npz.files)
 
     def read(key: str) -> np.ndarray:
-        _check_declared_size(npz, key, where)
-        try:
-            return npz[key]
-        except MemoryError as exc:
-            raise DatasetError(f"`{key}` in {where!r} does not fit in memory; use a smaller dataset.") from exc
-        except ValueError as exc:
-            if "allow_pickle" in str(exc):
-                raise DatasetError(
-                    f"`{key}` in {where!r} is a pickled object array; it was refused without unpickling "
-                    "(loading pickles can run arbitrary code). Re-save it as a plain numeric array."
-                ) from exc
-            raise DatasetError(f"`{key}` in {where!r} cannot be read ({exc}); the file is corrupt.") from exc
-        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-            raise DatasetError(
-                f"`{key}` in {where!r} cannot be read ({type(exc).__name__}: {exc}); the file is corrupt."
-            ) from exc
+        return read_npz_member(npz, key, where)
 
     diff_key = "diff3d" if "diff3d" in keys or _DIFF_ALIAS not in keys else _DIFF_ALIAS
     missing = [k for k in (diff_key, *REQUIRED_KEYS[1:]) if k not in keys]

@@ -59,7 +59,7 @@ import numpy as np
 
 from mlflow_ptycho_flavor.errors import DatasetError, PredictionInputError
 from mlflow_ptycho_flavor.model.inference import counts_to_amplitudes as model_counts_to_amplitudes
-from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, normalization_factor
+from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, normalization_factor, read_npz_member
 
 __all__ = [
     "PtychodusData",
@@ -231,19 +231,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         arrays: dict[str, np.ndarray] = {}
         with archive:
             for key in archive.files:
-                try:
-                    arrays[key] = archive[key]
-                except ValueError as exc:
-                    if "allow_pickle" in str(exc):
-                        raise DatasetError(
-                            f"`{key[:80]}` in {str(path)[:200]!r} is a pickled object array; refused without "
-                            "unpickling. Re-save it as a plain numeric array."
-                        ) from exc
-                    raise DatasetError(f"`{key[:80]}` in {str(path)[:200]!r} cannot be read ({exc}).") from exc
-                except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-                    raise DatasetError(
-                        f"`{key[:80]}` in {str(path)[:200]!r} cannot be read ({type(exc).__name__}: {exc})."
-                    ) from exc
+                arrays[key] = read_npz_member(archive, key, str(path))
     return arrays
 
 
