@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_ptycho_flavor import load_torch_bundle, read_bundle, save_torch_bundle
+from mlflow_ptycho_flavor import load_torch_bundle, read_bundle
 from mlflow_ptycho_flavor.bundle import BundleLimits
 from mlflow_ptycho_flavor.errors import (
     BundleError,
@@ -56,14 +56,25 @@ from mlflow_ptycho_flavor.errors import (
 )
 from mlflow_ptycho_flavor.bundle.params import LEGACY_DEFAULT_CFG, cfg
 from mlflow_ptycho_flavor.bundle.unpickle import ALLOW_PICKLE_ENV
+from bundle_crafting import (  # noqa: F401 - module-scoped fixtures are used by name
+    AE_PARAMS,
+    BOMB,
+    MANIFEST,
+    MB,
+    METADATA,
+    PARAMS,
+    WEIGHTS,
+    Reduce,
+    base,
+    members,
+    metadata,
+    numpy_array_state,
+    params,
+    state_dict,
+    torch_bytes,
+)
 
-MANIFEST = "manifest.dill"
-WEIGHTS = "diffraction_to_obj/model.pth"
-PARAMS = "diffraction_to_obj/params.dill"
-AE_PARAMS = "autoencoder/params.dill"
 AE_WEIGHTS = "autoencoder/model.pth"
-METADATA = "torch_scaling_metadata.pt"
-MB = 1024 * 1024
 #: Peak Python allocation allowed while refusing an ordinary hostile bundle (the base bundle is 2.2 MB).
 MEMORY_CAP = 32 * MB
 
@@ -176,40 +187,11 @@ def refused(tmp_path, private_tmp):
 # ------------------------------------------------------------------------------------------------------------
 # The valid base bundle and helpers to derive hostile ones
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    from conftest import make_perturbed_network
-
-    network = make_perturbed_network(seed=3, N=64, n_filters_scale=1)
-    path = save_torch_bundle(network, tmp_path_factory.mktemp("base") / "wts.h5.zip")
-    load_torch_bundle(path, device="cpu")  # the corpus starts from a bundle that loads (and warms up imports)
-    return path
 
 
 @pytest.fixture(scope="module")
 def base_bytes(base) -> bytes:
     return base.read_bytes()
-
-
-@pytest.fixture(scope="module")
-def members(base) -> dict:
-    with zipfile.ZipFile(base) as archive:
-        return {name: archive.read(name) for name in archive.namelist()}
-
-
-@pytest.fixture(scope="module")
-def params(members) -> dict:
-    return pickle.loads(members[PARAMS])  # our own file: trusted
-
-
-@pytest.fixture(scope="module")
-def metadata(members) -> dict:
-    return torch.load(io.BytesIO(members[METADATA]), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def state_dict(members) -> OrderedDict:
-    return torch.load(io.BytesIO(members[WEIGHTS]), weights_only=True)
 
 
 def _zip(path: Path, entries, *, compression=zipfile.ZIP_STORED) -> Path:
@@ -250,22 +232,6 @@ def _pk(obj) -> bytes:
 def _both_params(obj) -> dict:
     data = obj if isinstance(obj, bytes) else _pk(obj)
     return {"params": data, "ae_params": data}
-
-
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-class _Reduce:
-    """Unpickling calls ``func(*args)``."""
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return (self.func, self.args)
 
 
 class EvilInTest:
@@ -324,13 +290,13 @@ PAYLOAD_GLOBALS = {
 
 def _payload(kind: str, marker: Path):
     if kind == "os.system":
-        return _Reduce(os.system, (f"touch {marker}",))
+        return Reduce(os.system, (f"touch {marker}",))
     if kind == "builtins.eval":
-        return _Reduce(builtins.eval, (f"__import__('pathlib').Path({str(marker)!r}).touch()",))
+        return Reduce(builtins.eval, (f"__import__('pathlib').Path({str(marker)!r}).touch()",))
     if kind == "subprocess.Popen":
-        return _Reduce(subprocess.Popen, (["touch", str(marker)],))
+        return Reduce(subprocess.Popen, (["touch", str(marker)],))
     if kind == "open-writer":
-        return _Reduce(open, (str(marker), "w"))
+        return Reduce(open, (str(marker), "w"))
     raise ValueError(kind)
 
 
@@ -340,7 +306,7 @@ def _payload_bytes(kind: str, marker: Path, wrap=lambda p: p) -> bytes:
         import dill
 
         target = str(marker)
-        return dill.dumps(wrap(_Reduce(lambda: Path(target).touch(), ())))
+        return dill.dumps(wrap(Reduce(lambda: Path(target).touch(), ())))
     return _pk(wrap(_payload(kind, marker)))
 
 
@@ -360,7 +326,7 @@ def test_payloads_are_live(tmp_path, kind):
 
 def test_torch_payload_is_live(tmp_path):
     marker = tmp_path / "live-torch"
-    torch.load(io.BytesIO(_torch_bytes({"x": _payload("os.system", marker)})), weights_only=False)
+    torch.load(io.BytesIO(torch_bytes({"x": _payload("os.system", marker)})), weights_only=False)
     assert marker.exists()
 
 
@@ -419,7 +385,7 @@ def test_torch_member_payload_refused(members, state_dict, metadata, tmp_path, r
     else:
         obj = OrderedDict(state_dict)
         obj["model.autoencoder.decoder_amp.amp.conv2.bias"] = payload
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, **{member: _torch_bytes(obj)}))
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, **{member: torch_bytes(obj)}))
     name = _MEMBER_KEYS[member].replace(".", r"\.")
     refused(path, UnsafeBundleError, rf"{name} needs arbitrary Python objects to unpickle \(the global "
                                      rf"{PAYLOAD_GLOBALS[kind]}\)", markers=[marker])
@@ -428,7 +394,7 @@ def test_torch_member_payload_refused(members, state_dict, metadata, tmp_path, r
 def test_autoencoder_weights_are_never_unpickled(members, tmp_path, private_tmp):
     """autoencoder/model.pth (upstream's weightless sentinel) is never decoded: a payload there is inert."""
     marker = tmp_path / "marker"
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, ae_weights=_torch_bytes({"_sentinel": _payload(
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, ae_weights=torch_bytes({"_sentinel": _payload(
         "os.system", marker)})))
     _AUDIT["events"].clear()
     _AUDIT["armed"] = True
@@ -442,7 +408,7 @@ def test_autoencoder_weights_are_never_unpickled(members, tmp_path, private_tmp)
 def test_torch_member_with_class_defined_in_test(members, state_dict, tmp_path, refused):
     obj = OrderedDict(state_dict)
     obj["model.extra"] = EvilInTest()
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=_torch_bytes(obj)))
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=torch_bytes(obj)))
     refused(path, UnsafeBundleError, r"model\.pth needs arbitrary Python objects to unpickle \(the global "
                                      r"(tests\.)?test_hostile_bundles\.EvilInTest\)")
 
@@ -453,7 +419,7 @@ def test_crafted_torch_pickle_with_os_system(members, tmp_path, refused):
     command = f"touch {marker}".encode()
     data_pkl = b"\x80\x02c" + os.system.__module__.encode() + b"\nsystem\nq\x00X" + struct.pack("<I", len(command))
     data_pkl += command + b"q\x01\x85q\x02Rq\x03."
-    torch_file = _replace_torch_record(_torch_bytes({}), data_pkl)
+    torch_file = _replace_torch_record(torch_bytes({}), data_pkl)
     pickle.loads(data_pkl)  # noqa: S301 - the crafted pickle is valid and live ...
     assert marker.exists()
     marker.unlink()  # ... and the reader must not run it
@@ -475,22 +441,22 @@ def _nested_hex(levels: int):
     value = b"x"
     obj = value
     for _ in range(levels):
-        obj = _Reduce(codecs.encode, (obj, "hex"))
+        obj = Reduce(codecs.encode, (obj, "hex"))
     return obj
 
 
 @pytest.mark.parametrize(
     "payload, name",
     [
-        (lambda: _Reduce(bytearray, (200 * MB,)), r"builtins\.bytearray"),
+        (lambda: Reduce(bytearray, (200 * MB,)), r"builtins\.bytearray"),
         (lambda: _nested_hex(24), r"_codecs\.encode"),
-        (lambda: _Reduce(torch.Tensor, (4000, 4000)), r"torch\.Tensor"),
+        (lambda: Reduce(torch.Tensor, (4000, 4000)), r"torch\.Tensor"),
     ],
     ids=["bytearray-200MB", "hex-encode-x24", "legacy-tensor-constructor"],
 )
 def test_torch_allowed_allocation_bombs_refused(members, metadata, tmp_path, refused, payload, name):
     """Globals torch's weights_only loader DOES allow, turned into allocation bombs from a few bytes."""
-    data = _torch_bytes({**metadata, "ci_statistics": {"rms_input_scale": payload()}})
+    data = torch_bytes({**metadata, "ci_statistics": {"rms_input_scale": payload()}})
     assert len(data) < 20_000
     path = _zip(tmp_path / "wts.h5.zip", _with(members, metadata=data))
     refused(path, UnsafeBundleError, rf"references the global {name}, which torch\.load\(weights_only=True\) would "
@@ -511,7 +477,7 @@ def test_allow_unsafe_does_not_relax_torch_weights_only(members, state_dict, tmp
     marker = tmp_path / "marker"
     obj = OrderedDict(state_dict)
     obj["model.extra"] = _payload("os.system", marker)
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=_torch_bytes(obj)))
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=torch_bytes(obj)))
     refused(path, UnsafeBundleError, r"refused by torch\.load\(weights_only=True\)", markers=[marker],
             allow_unsafe=True)
 
@@ -528,16 +494,6 @@ def _billion_laughs(levels: int = 40):
 
 def _deep_list_pickle(depth: int) -> bytes:
     return b"\x80\x04" + b"]" * depth + b"a" * (depth - 1) + b"."
-
-
-def _numpy_array_state(shape, dtype, raw):
-    from numpy._core.multiarray import _reconstruct
-
-    class _Array:
-        def __reduce__(self):
-            return (_reconstruct, (np.ndarray, (0,), b"b"), (1, shape, dtype, False, raw))
-
-    return _Array()
 
 
 @pytest.mark.parametrize(
@@ -563,21 +519,21 @@ def _numpy_array_state(shape, dtype, raw):
 )
 def test_plain_data_bombs_in_params(members, params, tmp_path, refused, case, error, match):
     if case == "bytearray-10GB":
-        data = _pk({**params, "x": _Reduce(bytearray, (10 * 1024 * MB,))})
+        data = _pk({**params, "x": Reduce(bytearray, (10 * 1024 * MB,))})
     elif case == "set-of-range":
-        data = _pk({**params, "x": _Reduce(set, (_Reduce(range, (10**9,)),))})
+        data = _pk({**params, "x": Reduce(set, (Reduce(range, (10**9,)),))})
     elif case == "ndarray-call":
-        data = _pk({**params, "x": _Reduce(np.ndarray, ((10**9,),))})
+        data = _pk({**params, "x": Reduce(np.ndarray, ((10**9,),))})
     elif case == "reconstruct-huge":
         from numpy._core.multiarray import _reconstruct
 
-        data = _pk({**params, "x": _Reduce(_reconstruct, (np.ndarray, (10**9,), b"b"))})
+        data = _pk({**params, "x": Reduce(_reconstruct, (np.ndarray, (10**9,), b"b"))})
     elif case == "object-subarray-dtype":  # numpy's own __setstate__ segfaults on this one
-        data = _pk({**params, "x": _numpy_array_state((1,), np.dtype(("O", (10,))), [])})
+        data = _pk({**params, "x": numpy_array_state((1,), np.dtype(("O", (10,))), [])})
     elif case == "object-array":
         data = _pk({**params, "x": np.array([1, "two"], dtype=object)})
     elif case == "array-short-data":
-        data = _pk({**params, "x": _numpy_array_state((10**6,), np.dtype("f8"), b"")})
+        data = _pk({**params, "x": numpy_array_state((10**6,), np.dtype("f8"), b"")})
     elif case == "billion-laughs":
         data = _pk({**params, "x": _billion_laughs()})
     elif case == "cycle":
@@ -800,7 +756,7 @@ def test_member_name_with_nul_byte_shadowing_the_manifest(members, tmp_path, ref
 @pytest.mark.parametrize("member", [MANIFEST, WEIGHTS, METADATA])
 def test_duplicate_member_with_different_content(members, params, tmp_path, refused, member):
     second = {MANIFEST: _pk({"models": ["diffraction_to_obj"], "version": "2.0-pytorch"}),
-              WEIGHTS: _torch_bytes({}), METADATA: _torch_bytes({"schema_version": "x"})}[member]
+              WEIGHTS: torch_bytes({}), METADATA: torch_bytes({"schema_version": "x"})}[member]
     path = _zip(tmp_path / "wts.h5.zip", list(members.items()) + [(member, second)])
     refused(path, UnsafeBundleError, rf"holds the member '{member}' twice")
 
@@ -825,7 +781,6 @@ def test_too_many_members(members, tmp_path, refused):
 # ------------------------------------------------------------------------------------------------------------
 # Size caps and zip bombs
 # ------------------------------------------------------------------------------------------------------------
-BOMB = 50 * MB
 
 
 @pytest.fixture(scope="module")
@@ -1002,13 +957,13 @@ def test_params_copies_that_differ_only_in_numpy_values(members, params, tmp_pat
 )
 def test_metadata_values_that_break_construction(members, metadata, tmp_path, refused, patch, error, match):
     meta = {**metadata, "model_config": {**metadata["model_config"], **patch}}
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, metadata=_torch_bytes(meta)))
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, metadata=torch_bytes(meta)))
     refused(path, error, match)
 
 
 def test_metadata_billion_laughs(members, metadata, tmp_path, refused):
     meta = {**metadata, "ci_statistics": {"rms_input_scale": _billion_laughs(40)}}
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, metadata=_torch_bytes(meta)))
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, metadata=torch_bytes(meta)))
     refused(path, UnsafeBundleError, r"torch_scaling_metadata\.pt expands to more than \d+ objects")
 
 
@@ -1026,7 +981,7 @@ def test_expanded_view_weights_for_a_big_network(members, params, tmp_path, refu
     assert needed > 500 * MB
     fake = OrderedDict((k, torch.zeros(1, dtype=dtype).expand(*shape) if shape else torch.zeros((), dtype=dtype))
                        for k, (shape, dtype) in shapes.items())
-    weights = _torch_bytes(fake)
+    weights = torch_bytes(fake)
     assert len(weights) < 200_000
     snapshot = {**params, "N": 256, "gridsize": 2, "n_filters_scale": 16}
     path = _zip(tmp_path / "wts.h5.zip", _with(members, remove=[METADATA], weights=weights,
@@ -1038,14 +993,14 @@ def test_expanded_view_weights_for_a_big_network(members, params, tmp_path, refu
 def test_sparse_tensor_in_state_dict(members, state_dict, tmp_path, refused):
     fake = OrderedDict(state_dict)
     fake["model.forward_model.alpha"] = torch.zeros(1).to_sparse()
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=_torch_bytes(fake)))
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=torch_bytes(fake)))
     refused(path, UnsafeBundleError, r"the global torch\._utils\._rebuild_sparse_tensor")
 
 
 def test_meta_tensor_in_state_dict(members, state_dict, tmp_path, refused):
     fake = OrderedDict(state_dict)
     fake["model.forward_model.alpha"] = torch.empty(10**6, 10**6, device="meta")
-    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=_torch_bytes(fake)))
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=torch_bytes(fake)))
     refused(path, UnsafeBundleError, r"the global torch\._utils\._rebuild_meta_tensor_no_storage")
 
 
@@ -1061,12 +1016,12 @@ def test_meta_tensor_in_state_dict(members, state_dict, tmp_path, refused):
     ids=["list", "int-keys", "str", "zip-garbage", "legacy-pickle"],
 )
 def test_weights_member_not_a_state_dict(members, tmp_path, refused, weights, match):
-    raw = weights if isinstance(weights, bytes) else _torch_bytes(weights)
+    raw = weights if isinstance(weights, bytes) else torch_bytes(weights)
     path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=raw))
     refused(path, CorruptBundleError, match)
 
 
 def test_torch_file_with_malformed_data_pkl(members, tmp_path, refused):
-    torch_file = _replace_torch_record(_torch_bytes({}), b"\x80\x02\xff garbage")
+    torch_file = _replace_torch_record(torch_bytes({}), b"\x80\x02\xff garbage")
     path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=torch_file))
     refused(path, CorruptBundleError, r"model\.pth holds a malformed pickle")

@@ -53,13 +53,24 @@ from mlflow_ptycho_flavor.errors import (
     UnsupportedBundleError,
 )
 from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
+from bundle_crafting import (  # noqa: F401 - module-scoped fixtures are used by name
+    AE_PARAMS,
+    BOMB,
+    MANIFEST,
+    MB,
+    METADATA,
+    PARAMS,
+    WEIGHTS,
+    Reduce,
+    base,
+    members,
+    metadata,
+    numpy_array_state,
+    params,
+    state_dict,
+    torch_bytes,
+)
 
-MANIFEST = "manifest.dill"
-WEIGHTS = "diffraction_to_obj/model.pth"
-PARAMS = "diffraction_to_obj/params.dill"
-AE_PARAMS = "autoencoder/params.dill"
-METADATA = "torch_scaling_metadata.pt"
-MB = 1024 * 1024
 #: CPU seconds a refusal may take ("well under a second"; reading the valid 2.3 MB base bundle takes ~0.1 s).
 CPU_CAP = 1.0
 #: Peak Python allocation while refusing (the base bundle is 2.3 MB; every member is read into memory once).
@@ -138,35 +149,6 @@ def refused(path, error, match, *, cpu=CPU_CAP, memory=MEMORY_CAP, rss=RSS_CAP, 
 # ------------------------------------------------------------------------------------------------------------
 # The base bundle and minimal builders (as in test_hostile_bundles.py)
 # ------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    from conftest import make_perturbed_network
-
-    network = make_perturbed_network(seed=3, N=64, n_filters_scale=1)
-    path = save_torch_bundle(network, tmp_path_factory.mktemp("base") / "wts.h5.zip")
-    load_torch_bundle(path, device="cpu")  # the corpus starts from a bundle that loads (and warms up imports)
-    return path
-
-
-@pytest.fixture(scope="module")
-def members(base) -> dict:
-    with zipfile.ZipFile(base) as archive:
-        return {name: archive.read(name) for name in archive.namelist()}
-
-
-@pytest.fixture(scope="module")
-def params(members) -> dict:
-    return pickle.loads(members[PARAMS])  # our own file: trusted
-
-
-@pytest.fixture(scope="module")
-def metadata(members) -> dict:
-    return torch.load(io.BytesIO(members[METADATA]), weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def state_dict(members) -> OrderedDict:
-    return torch.load(io.BytesIO(members[WEIGHTS]), weights_only=True)
 
 
 _KEYS = {"manifest": MANIFEST, "weights": WEIGHTS, "params": PARAMS, "ae_params": AE_PARAMS, "metadata": METADATA}
@@ -202,24 +184,8 @@ def _both_params(data) -> dict:
     return {"params": data, "ae_params": data}
 
 
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def _bundle(tmp_path, members, *, name="wts.h5.zip", compression=zipfile.ZIP_STORED, remove=(), **replace) -> Path:
     return _zip(tmp_path / name, _with(members, remove=remove, **replace), compression=compression)
-
-
-class _Reduce:
-    """Unpickling calls ``func(*args)``."""
-
-    def __init__(self, func, args):
-        self.func, self.args = func, args
-
-    def __reduce__(self):
-        return (self.func, self.args)
 
 
 class _OrderedDictWithState:
@@ -317,7 +283,7 @@ def test_metadata_section_whose_instance_state_hides_its_values(metadata, member
     """torch's weights-only unpickler lets BUILD fill an OrderedDict's ``__dict__`` too: ``keys = set`` made
     ``dict(section)`` see an empty model_config, i.e. every knob at its default."""
     hidden = _OrderedDictWithState(dict(metadata["model_config"]), {"keys": set})
-    path = _bundle(tmp_path, members, metadata=_torch_bytes({**metadata, "model_config": hidden}))
+    path = _bundle(tmp_path, members, metadata=torch_bytes({**metadata, "model_config": hidden}))
     refused(path, UnsafeBundleError, r"torch_scaling_metadata\.pt holds an OrderedDict carrying the instance "
                                      r"attributes \['keys'\]")
 
@@ -327,7 +293,7 @@ def test_state_dict_whose_instance_state_hides_its_tensors(state_dict, members, 
     poisoned = OrderedDict(state_dict)
     poisoned["model.forward_model.alpha"] = torch.full_like(state_dict["model.forward_model.alpha"], float("nan"))
     hidden = _OrderedDictWithState(poisoned, {"items": set})
-    path = _bundle(tmp_path, members, weights=_torch_bytes(hidden))
+    path = _bundle(tmp_path, members, weights=torch_bytes(hidden))
     refused(path, UnsafeBundleError, r"model\.pth sets the Python attributes \['items'\] on its state_dict")
 
 
@@ -360,7 +326,7 @@ def test_keys_whose_hashing_never_finishes_or_crashes(params, metadata, members,
         data = _append_dict_item(_pk(params, protocol=2), key_ops)
         path = _bundle(tmp_path, members, **_both_params(data))
     else:
-        original = _torch_bytes(metadata)
+        original = torch_bytes(metadata)
         with zipfile.ZipFile(io.BytesIO(original)) as archive:
             data_pkl = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
         path = _bundle(tmp_path, members, metadata=_replace_data_pkl(original, _append_dict_item(data_pkl, key_ops)))
@@ -432,7 +398,6 @@ def test_plain_equal_and_differences_take_a_budget():
 # ------------------------------------------------------------------------------------------------------------
 # 2. Size limits that trusted a declared number
 # ------------------------------------------------------------------------------------------------------------
-BOMB = 50 * MB
 
 
 @pytest.mark.parametrize("member", ["params", "metadata", "weights"])
@@ -451,7 +416,7 @@ def test_lying_compressed_size_does_not_dodge_the_ratio_cap(members, tmp_path, m
 @pytest.fixture(scope="module")
 def deflated_tensor_file() -> bytes:
     """A torch file holding a 100 MB tensor of zeros, its records deflated (~100 KB)."""
-    data = _rezip(_torch_bytes(OrderedDict({"model.forward_model.alpha": torch.zeros(25_000_000)})),
+    data = _rezip(torch_bytes(OrderedDict({"model.forward_model.alpha": torch.zeros(25_000_000)})),
                   zipfile.ZIP_DEFLATED)
     assert len(data) < 1 * MB
     return data
@@ -467,7 +432,7 @@ def test_records_deflated_inside_model_pth(members, deflated_tensor_file, tmp_pa
 
 def test_records_deflated_inside_the_metadata(members, metadata, tmp_path):
     """The same inside torch_scaling_metadata.pt, where a tensor in ci_statistics loaded without complaint."""
-    data = _rezip(_torch_bytes({**metadata, "ci_statistics": {"probe": torch.zeros(25_000_000)}}),
+    data = _rezip(torch_bytes({**metadata, "ci_statistics": {"probe": torch.zeros(25_000_000)}}),
                   zipfile.ZIP_DEFLATED)
     path = _bundle(tmp_path, members, metadata=data)
     refused(path, UnsafeBundleError, r"torch_scaling_metadata\.pt's records expand to 100\d{6} bytes")
@@ -509,14 +474,6 @@ def test_huge_central_directory_behind_a_small_count(base, tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # 4. Error messages quote attacker values in bounded form
 # ------------------------------------------------------------------------------------------------------------
-def _numpy_array_state(shape, dtype, raw):
-    from numpy._core.multiarray import _reconstruct
-
-    class _Array:
-        def __reduce__(self):
-            return (_reconstruct, (np.ndarray, (0,), b"b"), (1, shape, dtype, False, raw))
-
-    return _Array()
 
 
 _HUGE = 100_000
@@ -535,23 +492,23 @@ def _message_case(case, params, metadata):
         return (_both_params({**params, "amp_activation": long_text}), ConfigMismatchError,
                 r"params\.dill\['amp_activation'\]='AAA.*disagrees with torch_scaling_metadata\.pt")
     if case == "metadata-schema":
-        return ({"metadata": _torch_bytes({**metadata, "schema_version": long_text})}, UnsupportedBundleError,
+        return ({"metadata": torch_bytes({**metadata, "schema_version": long_text})}, UnsupportedBundleError,
                 r"has schema_version='AAA")
     if case == "metadata-unknown-keys":
         knobs = {f"knob_{i}_" + "x" * 100: 1 for i in range(5000)}
-        return ({"metadata": _torch_bytes({**metadata, "model_config": {**metadata["model_config"], **knobs}})},
+        return ({"metadata": torch_bytes({**metadata, "model_config": {**metadata["model_config"], **knobs}})},
                 UnsupportedBundleError, r"model_config has unknown key\(s\) \['knob_0_x")
     if case == "manifest-version":
         manifest = {"models": ["diffraction_to_obj"], "version": long_text}
         return {"manifest": _pk(manifest)}, TensorFlowBundleError, r"manifest version 'AAA"
     if case == "numpy-dtype":
-        dtype = _Reduce(np.dtype, (long_text,))
-        return (_both_params({**params, "x": _numpy_array_state((1,), dtype, b"")}), UnsafeBundleError,
+        dtype = Reduce(np.dtype, (long_text,))
+        return (_both_params({**params, "x": numpy_array_state((1,), dtype, b"")}), UnsafeBundleError,
                 r"numpy dtype 'AAA")
     if case == "numpy-shape":
         from numpy._core.multiarray import _reconstruct
 
-        return (_both_params({**params, "x": _Reduce(_reconstruct, (np.ndarray, (7,) * _HUGE, b"b"))}),
+        return (_both_params({**params, "x": Reduce(_reconstruct, (np.ndarray, (7,) * _HUGE, b"b"))}),
                 UnsafeBundleError, r"numpy _reconstruct\(numpy\.ndarray, \(7, 7")
     if case == "persistent-id":
         pid = b"X" + struct.pack("<I", _HUGE) + long_text.encode()
@@ -608,7 +565,7 @@ def test_huge_int_in_an_unused_metadata_knob(metadata, members, tmp_path):
     """decoder_spatial_kernel is unused without spatial_decoder: a 2032-bit int there (about the largest torch's
     weights-only unpickler decodes: LONG1) loaded, and its configuration was cached."""
     meta = {**metadata, "model_config": {**metadata["model_config"], "decoder_spatial_kernel": _huge_int(254)}}
-    path = _bundle(tmp_path, members, metadata=_torch_bytes(meta))
+    path = _bundle(tmp_path, members, metadata=torch_bytes(meta))
     refused(path, ConfigMismatchError, r"model_config\['decoder_spatial_kernel'\] is an int of 2032 bits; config "
                                        r"values fit in 64 bits")
 
@@ -619,7 +576,7 @@ def test_trainable_intensity_scale_that_overflows_float32(metadata, members, tmp
     assert math.isfinite(math.log(scale))
     meta = {**metadata, "model_config": {**metadata["model_config"], "intensity_scale_trainable": True,
                                          "intensity_scale": scale}}
-    path = _bundle(tmp_path, members, metadata=_torch_bytes(meta))
+    path = _bundle(tmp_path, members, metadata=torch_bytes(meta))
     refused(path, ConfigMismatchError, rf"intensity_scale={re.escape(repr(scale))} with a trainable \(fixed\) input "
                                        rf"scale becomes {becomes} in float32")
 
@@ -778,7 +735,7 @@ def test_absurd_configurations_are_never_cached(metadata, members, tmp_path):
     def refuse_all() -> None:
         for i in range(12):
             model_config = {**metadata["model_config"], "decoder_spatial_kernel": _huge_int(254) + i}
-            _bundle(tmp_path, members, metadata=_torch_bytes({**metadata, "model_config": model_config}))
+            _bundle(tmp_path, members, metadata=torch_bytes({**metadata, "model_config": model_config}))
             with pytest.raises(ConfigMismatchError, match=r"is an int of 2032 bits"):
                 read_bundle(path)
 
