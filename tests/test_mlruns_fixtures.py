@@ -18,6 +18,7 @@ outputs are compared with ``RECORDED_ATOL`` (see below), never bit for bit.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import sqlite3
@@ -56,12 +57,12 @@ URIS = {
 }
 
 
-def _text_columns(con: sqlite3.Connection):
-    for (table,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-        for _, column, decl, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
-            decl = (decl or "").upper()
-            if not decl or any(t in decl for t in ("CHAR", "TEXT", "CLOB", "STRING")):
-                yield table, column
+def _fixture_script():
+    """``scripts/make_mlruns_fixtures.py``, which owns the sqlite placeholder rewrite (imported by path)."""
+    spec = importlib.util.spec_from_file_location("make_mlruns_fixtures", REPO_ROOT / "scripts" / "make_mlruns_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def relocate_store(source: Path, destination: Path) -> tuple[str, dict[str, int]]:
@@ -71,20 +72,7 @@ def relocate_store(source: Path, destination: Path) -> tuple[str, dict[str, int]
     """
     shutil.copytree(source, destination)
     new_root = destination.resolve().as_uri()
-    changed: dict[str, int] = {}
-    con = sqlite3.connect(destination / STORE["tracking_db"])
-    try:
-        with con:
-            for table, column in list(_text_columns(con)):
-                cur = con.execute(
-                    f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
-                    f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0',
-                    (PLACEHOLDER, new_root, PLACEHOLDER),
-                )
-                if cur.rowcount:
-                    changed[f"{table}.{column}"] = cur.rowcount
-    finally:
-        con.close()
+    changed = _fixture_script().replace_in_db(destination / STORE["tracking_db"], PLACEHOLDER, new_root)
     return f"sqlite:///{destination / STORE['tracking_db']}", changed
 
 
