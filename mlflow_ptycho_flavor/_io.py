@@ -13,13 +13,22 @@ Every writer in the package goes through here, so the same guarantees hold every
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 
-__all__ = ["PathLike", "atomic_write", "atomic_write_bytes", "atomic_directory", "umask_mode"]
+__all__ = [
+    "PathLike",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_directory",
+    "file_sha256",
+    "stream_sha256",
+    "umask_mode",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -120,3 +129,21 @@ def _rename_directory(staging: Path, target: Path) -> None:
     except BaseException:
         target.mkdir(exist_ok=True)
         raise
+
+
+def stream_sha256(handle: BinaryIO) -> tuple[str, int]:
+    """sha256 hex digest and byte count of an open binary file from its start, read in 1 MiB chunks (memory
+    bounded whatever the size)."""
+    digest = hashlib.sha256()
+    handle.seek(0)
+    size = 0
+    for chunk in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 hex digest of the file at ``path`` (:func:`stream_sha256`)."""
+    with open(path, "rb") as handle:
+        return stream_sha256(handle)[0]

@@ -24,7 +24,6 @@ is created at the target, and checked again on the written copy before it is ren
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow_ptycho_flavor._io import PathLike, atomic_directory, atomic_write
+from mlflow_ptycho_flavor._io import PathLike, atomic_directory, atomic_write, file_sha256
 from mlflow_ptycho_flavor.errors import (
     BundleHashMismatchError,
     InvalidArgumentError,
@@ -71,14 +70,6 @@ class FetchedBundle:
     bundle: Path
     sha256: str
     size_bytes: int
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_target(to: Path, layout: str) -> Path:
@@ -152,7 +143,7 @@ def _read_flavor_section(root: Path, model_uri: str) -> tuple[str, str]:
 
 
 def _verify(path: Path, expected: str, model_uri: str) -> None:
-    actual = _file_sha256(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise BundleHashMismatchError(
             f"the bundle downloaded from {short_repr(model_uri)} has sha256 {actual}, but its MLmodel records "

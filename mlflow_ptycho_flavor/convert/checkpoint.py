@@ -39,11 +39,9 @@ older architecture era (UNet skip ``merge_blocks``, what ptychodus 1.7's branch 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -53,7 +51,7 @@ from typing import Any
 
 import torch
 
-from mlflow_ptycho_flavor._io import PathLike
+from mlflow_ptycho_flavor._io import PathLike, stream_sha256
 from mlflow_ptycho_flavor.bundle import params as params_module
 from mlflow_ptycho_flavor.bundle.archive import _check_member_name, resolve_bundle_path
 from mlflow_ptycho_flavor.bundle.compat import check_fits, config_errors, detect_era, stored_bytes
@@ -234,17 +232,6 @@ def _read_record(archive: zipfile.ZipFile, name: str, cap: int, path: Path) -> b
         raise CorruptCheckpointError(f"{path}: {name!r} is damaged ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
-def _file_digest(handle: Any) -> tuple[str, int]:
-    """sha256 and size of an open file, read in 1 MiB chunks (memory bounded whatever the size)."""
-    digest = hashlib.sha256()
-    handle.seek(0)
-    size = 0
-    for chunk in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
 def read_checkpoint(path: PathLike, *, limits: CheckpointLimits = DEFAULT_CHECKPOINT_LIMITS) -> LightningCheckpoint:
     """Read the weights and configs of a Lightning checkpoint safely, dropping all training state unread.
 
@@ -265,7 +252,7 @@ def read_checkpoint(path: PathLike, *, limits: CheckpointLimits = DEFAULT_CHECKP
     handle, archive, prefix = _open_checkpoint(p, limits)
     source = f"{p.name}:{prefix}/data.pkl"
     try:
-        sha256, size_bytes = _file_digest(handle)
+        sha256, size_bytes = stream_sha256(handle)
         byteorder = _read_record(archive, f"{prefix}/byteorder", 16, p)
         if byteorder is not None and byteorder.strip() != b"little":
             raise UnsafeCheckpointError(

@@ -13,7 +13,6 @@ After ``import mlflow_ptycho_flavor`` this module is also ``mlflow.ptycho_torch`
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -32,7 +31,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from mlflow_ptycho_flavor import FLAVOR_NAME
-from mlflow_ptycho_flavor._io import atomic_directory
+from mlflow_ptycho_flavor._io import atomic_directory, file_sha256
 from mlflow_ptycho_flavor.bundle import (
     BUNDLE_FILE_NAME,
     BundleContents,
@@ -137,14 +136,6 @@ def _flavor_section(
     return section
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _identify_model_path(model: Any, *, config: Any, autoencoder: Any, intensity_scale: Any) -> ArtifactInfo:
     """What a ``model`` path is; refuses (nothing written yet) what is neither a bundle nor convertible, and the
     network-only arguments (``intensity_scale`` is also taken when converting a Lightning checkpoint)."""
@@ -198,7 +189,7 @@ def _convert_into(model: Any, bundle_path: Path, staging: Path, intensity_scale:
         stored = staging / SOURCE_DIR / result.source.name
         stored.parent.mkdir()
         shutil.copyfile(result.source, stored)
-        if _sha256(stored) != result.source_sha256:
+        if file_sha256(stored) != result.source_sha256:
             raise invalid_parameter(
                 f"{result.source} changed while it was being logged (its sha256 no longer matches the bytes "
                 "converted); log it again once nothing writes to it"
@@ -291,7 +282,7 @@ def save_model(
             mlflow_model.metadata = metadata
         code_dir = _mlflow_env.copy_code_paths(code_paths, str(staging))
         mlflow_model.add_flavor(
-            FLAVOR_NAME, code=code_dir, **_flavor_section(contents, _sha256(bundle_path), source_record)
+            FLAVOR_NAME, code=code_dir, **_flavor_section(contents, file_sha256(bundle_path), source_record)
         )
         pyfunc.add_to_model(
             mlflow_model,
