@@ -38,7 +38,7 @@ def _cfg(**overrides) -> train.TrainConfig:
 @pytest.fixture(scope="module")
 def split() -> tuple[data.PtychoDataset, data.PtychoDataset]:
     """A compact scan (6 x 6 positions, 1 px apart): the held-out patterns see the same object as the training
-    ones, which a network learns in tens of steps. Larger, sparser scans need a few hundred (the demo trains 200)."""
+    ones, which a network learns in tens of steps. Larger, sparser scans need a few hundred (demo --from-scratch trains 200)."""
     dataset = simulate.simulate_dataset(N=64, n_scan=(6, 6), step=1.0, nphotons=1e6, seed=LEARN_SEED)
     return data.train_test_split(dataset, test_fraction=0.2, seed=0)
 

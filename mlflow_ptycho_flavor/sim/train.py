@@ -86,7 +86,7 @@ class TrainConfig:
     Defaults follow upstream where it has one (batch 16, Adam at 1e-3, Poisson loss, sigmoid amplitude,
     ``probe.big``) except the network width (``n_filters_scale=1`` instead of 2, for CPU speed) and the
     initialisation (``init="lsuv"``). The default 200 steps reach a useful reconstruction of the simulator's
-    default scan (the demo trains with them).
+    default scan (``ptycho-flavor demo --from-scratch`` trains with them).
 
     Attributes:
         N: Pattern size; must match the dataset (64, 128 or 256).
