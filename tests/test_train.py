@@ -38,7 +38,7 @@ def _cfg(**overrides) -> train.TrainConfig:
 @pytest.fixture(scope="module")
 def split() -> tuple[data.PtychoDataset, data.PtychoDataset]:
     """A compact scan (6 x 6 positions, 1 px apart): the held-out patterns see the same object as the training
-    ones, which a network learns in tens of steps. Larger, sparser scans need a few hundred (the demo trains 200)."""
+    ones, which a network learns in tens of steps. Larger, sparser scans need a few hundred (demo --from-scratch trains 200)."""
     dataset = simulate.simulate_dataset(N=64, n_scan=(6, 6), step=1.0, nphotons=1e6, seed=LEARN_SEED)
     return data.train_test_split(dataset, test_fraction=0.2, seed=0)
 
@@ -270,3 +270,60 @@ def _check_mlflow_logging(mlflow, small, small_test, tmp_path: Path, workdir: Pa
     runs = client.search_runs([experiment, "0"])
     assert [r.info.run_id for r in runs] == [run.info.run_id]
     assert not (workdir / "mlruns").exists() and list(workdir.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 6. Learning-rate schedule and the overlap-consistency term
+# ------------------------------------------------------------------------------------------------------------
+def test_cosine_schedule_falls_from_the_peak_to_the_final_rate():
+    config = train.TrainConfig(steps=101, learning_rate=1e-3, lr_schedule="cosine", final_learning_rate=1e-5)
+    rates = [train.learning_rate_at(config, step) for step in range(config.steps)]
+    assert rates[0] == pytest.approx(1e-3, rel=1e-12) and rates[-1] == pytest.approx(1e-5, rel=1e-12)
+    assert rates[50] == pytest.approx(0.5 * (1e-3 + 1e-5), rel=1e-12)  # half-way down the half cosine
+    assert all(later <= earlier for earlier, later in zip(rates, rates[1:]))
+    constant = train.TrainConfig(steps=5, learning_rate=2e-3)
+    assert {train.learning_rate_at(constant, step) for step in range(5)} == {2e-3}
+    with pytest.raises(ValueError, match="lr_schedule='step' is not one of"):
+        train.TrainConfig(lr_schedule="step")
+    with pytest.raises(ValueError, match="final_learning_rate must be a finite number > 0"):
+        train.TrainConfig(final_learning_rate=0.0)
+
+
+def test_overlap_loss_is_zero_only_for_patches_that_agree_up_to_a_constant_phase():
+    rng = np.random.default_rng(3)
+    n = 16
+    obj = torch.from_numpy(rng.normal(size=(40, 40)) + 1j * rng.normal(size=(40, 40))).to(torch.complex64)
+    weight = torch.ones(n, n)
+    # Patch a at object rows/cols 10.., patch b at (x, y) = (10 + 5, 10 - 3): scan offset (dx, dy) = (5, -3).
+    a = obj[10:10 + n, 10:10 + n]
+    b = obj[7:7 + n, 15:15 + n] * np.exp(1.3j)
+    shifts = np.array([[5, -3]])
+    same = train._overlap_loss(a[None], b[None], shifts, weight)
+    assert abs(float(same)) < 1e-4 * float(torch.mean(a.abs() ** 2))
+    # Wrong shift, or a different object under the overlap: clearly positive.
+    assert float(train._overlap_loss(a[None], b[None], np.array([[4, -3]]), weight)) > 0.5
+    other = torch.from_numpy(rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))).to(torch.complex64)
+    assert float(train._overlap_loss(a[None], other[None], shifts, weight)) > 0.5
+    # By hand for one pixel of overlap: |a|^2 + |b|^2 - 2|a b*| = (|a| - |b|)^2.
+    one_a = torch.zeros(2, 2, dtype=torch.complex64)
+    one_b = torch.zeros(2, 2, dtype=torch.complex64)
+    one_a[1, 1], one_b[0, 0] = 3.0, 1.0j
+    value = train._overlap_loss(one_a[None], one_b[None], np.array([[1, 1]]), torch.ones(2, 2))
+    assert float(value) == pytest.approx(4.0)
+
+
+def test_overlap_training_is_seeded_and_refuses_scans_without_overlap(split):
+    train_set, _ = split
+    small = train_set.subset(range(12))
+    runs = [train.train_model(small, _cfg(steps=3, batch_size=4, seed=2, overlap_weight=50.0), mlflow_logging=False)
+            for _ in range(2)]
+    assert runs[0].loss_history == runs[1].loss_history
+    plain = train.train_model(small, _cfg(steps=3, batch_size=4, seed=2), mlflow_logging=False)
+    assert plain.loss_history != runs[0].loss_history  # paired batches and the extra term change the run
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        train.TrainConfig(overlap_weight=1.0, batch_size=5)
+    with pytest.raises(ValueError, match="overlap_weight must be a finite number >= 0"):
+        train.TrainConfig(overlap_weight=-1.0)
+    sparse = simulate.simulate_dataset(N=64, n_scan=(1, 2), step=60.0, seed=0)
+    with pytest.raises(ValueError, match="needs overlapping scan positions"):
+        train.train_model(sparse, _cfg(steps=1, batch_size=2, overlap_weight=1.0), mlflow_logging=False)

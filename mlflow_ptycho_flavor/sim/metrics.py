@@ -1,4 +1,4 @@
-"""Reconstruction metrics: relative L2 error after removing the global phase, and the illuminated window.
+"""Reconstruction metrics: relative L2 error after removing the global phase, phase correlation, the illuminated window.
 
 Far-field intensities never determine a constant phase of the object, so every comparison with a ground truth
 first multiplies the reconstruction by the phase ``e^{i phi}`` that best matches it (least squares over the
@@ -15,7 +15,13 @@ import torch
 
 from mlflow_ptycho_flavor.errors import InvalidArgumentError
 
-__all__ = ["ILLUMINATION_THRESHOLD", "align_global_phase", "illuminated_window", "reconstruction_error"]
+__all__ = [
+    "ILLUMINATION_THRESHOLD",
+    "align_global_phase",
+    "illuminated_window",
+    "phase_correlation",
+    "reconstruction_error",
+]
 
 #: Probe amplitude (fraction of its peak) below which a pixel counts as not illuminated.
 ILLUMINATION_THRESHOLD = 0.1
@@ -115,3 +121,44 @@ def reconstruction_error(
     if not denom > 0:
         raise InvalidArgumentError("`truth` is zero inside the window; the relative error is undefined")
     return float(math.sqrt(float(np.sum(np.abs(a - t) ** 2)) / denom))
+
+
+#: Phase spread (rad) below which a phase map counts as constant (rounding of a rotated constant is ~1e-16 rad).
+_CONSTANT_PHASE_STD = 1e-9
+
+
+def phase_correlation(pred: Any, truth: Any, *, window: str | np.ndarray = "full") -> float:
+    """Pearson correlation of the reconstructed and the true phase over the window, global phase removed.
+
+    The reconstruction is first multiplied by the global phase that best matches the truth
+    (:func:`align_global_phase`, one phase for the whole image), then ``corrcoef(angle(aligned), angle(truth))`` is
+    taken over the window's pixels. 1 means the phase map is recovered up to scale and offset, 0 that it is not
+    there at all (a flat or unrelated phase). It complements :func:`reconstruction_error`, which a good amplitude
+    can keep low while the phase is washed out. Phases are compared as ``angle`` values in ``(-pi, pi]``, which suits
+    weak phase objects (the simulator's phase spans ``[-1, 1]`` rad); strongly wrapping phases need unwrapping first.
+
+    Args:
+        pred: complex ``(H, W)`` reconstruction (numpy or torch), in the frame of ``truth``.
+        truth: complex ``(H, W)`` ground truth.
+        window: ``"full"`` (default), ``"center"`` or a boolean ``(H, W)`` mask of the pixels compared.
+
+    Raises:
+        InvalidArgumentError: shapes differ or are not 2-D, the window is invalid, or either phase is constant over
+            the window (the correlation is undefined).
+    """
+    p = _as_numpy(pred)
+    if p.ndim != 2:
+        raise InvalidArgumentError(f"`pred` must be one (H, W) image, got shape {p.shape}")
+    aligned = align_global_phase(p, truth, window=window)
+    mask = _window_mask(p.shape, window)
+    recon_phase = np.angle(aligned[mask])
+    true_phase = np.angle(_as_numpy(truth).astype(np.complex128)[mask])
+    recon_spread, true_spread = float(np.std(recon_phase)), float(np.std(true_phase))
+    if not (recon_spread > _CONSTANT_PHASE_STD and true_spread > _CONSTANT_PHASE_STD):
+        raise InvalidArgumentError(
+            "the phase is constant over the window (reconstruction std "
+            f"{recon_spread:.3g}, truth std {true_spread:.3g} rad); the correlation is undefined"
+        )
+    centred_r = recon_phase - recon_phase.mean()
+    centred_t = true_phase - true_phase.mean()
+    return float(np.sum(centred_r * centred_t) / (math.sqrt(float(np.sum(centred_r**2) * np.sum(centred_t**2)))))

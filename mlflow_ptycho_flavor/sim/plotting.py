@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mlflow_ptycho_flavor._io import atomic_write
+from mlflow_ptycho_flavor.errors import InvalidArgumentError
 
 __all__ = ["save_reconstruction_figure"]
 
@@ -39,6 +40,7 @@ def save_reconstruction_figure(
     truth: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     loss_history: Sequence[float] | None = None,
+    loss_steps: Sequence[int] | None = None,
     title: str | None = None,
     notes: str | None = None,
 ) -> Path:
@@ -49,13 +51,20 @@ def save_reconstruction_figure(
         reconstruction: complex 2-D object (stitched) in the same frame as ``truth``.
         truth: complex 2-D ground-truth object, or None.
         mask: bool 2-D region the reconstruction covers (outside is blanked).
-        loss_history: training loss per step, or None.
+        loss_history: training loss per step (or at ``loss_steps``), or None.
+        loss_steps: the 1-based steps of the values in ``loss_history`` when it is sampled (None: every step).
         title: figure title.
         notes: a line of text (error figures) under the title.
 
     Returns:
         The path written.
     """
+    if loss_history is not None:
+        steps = np.arange(1, len(loss_history) + 1) if loss_steps is None else np.asarray(loss_steps)
+        if steps.shape != (len(loss_history),):
+            raise InvalidArgumentError(
+                f"loss_steps has {steps.size} entries for {len(loss_history)} loss values; pass one step per value"
+            )
     plt = _pyplot()
     rows = [("reconstruction", reconstruction)]
     if truth is not None:
@@ -85,8 +94,11 @@ def save_reconstruction_figure(
             axis.set_yticks([])
     if loss_history is not None:
         loss_axis = axes[0][2]
-        steps = np.arange(1, len(loss_history) + 1)
-        loss_axis.plot(steps, np.asarray(loss_history, dtype=float), lw=1.2)
+        values = np.asarray(loss_history, dtype=float)
+        loss_axis.plot(steps, values, lw=1.2)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() > 0 and finite.max() > 20 * finite.min():
+            loss_axis.set_yscale("log")  # a long run's loss spans decades
         loss_axis.set_xlabel("step")
         loss_axis.set_ylabel("training loss")
         loss_axis.set_title("training loss")

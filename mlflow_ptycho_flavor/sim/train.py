@@ -8,8 +8,18 @@ to report reconstruction errors, never for training. The trained network saves a
 ``wts.h5.zip`` (:func:`save_trained_bundle`).
 
 Only gridsize 1 (one pattern per sample, ``C = 1``) is implemented: it is what the single-pattern inference
-path needs, and grouping neighbours for gridsize 2 adds position-dependent physics (overlap constraints) that
-this compact trainer does not attempt.
+path needs, and grouping neighbours for gridsize 2 adds position-dependent physics that this compact trainer does
+not attempt. What it can add, optionally (``TrainConfig.overlap_weight > 0``), is ptychography's own constraint
+in gridsize-1 form: two overlapping scan positions see the same object, so the two predicted patches must agree
+where both are illuminated, up to the constant phase no single pattern determines. Each batch is then half
+seeded "anchor" patterns and half one overlapping neighbour of each (scan distance at most ``N/3`` in x and y),
+and the loss adds ``overlap_weight`` times the mean overlap mismatch
+
+    sum w (|a|**2 + |b|**2) - 2 |sum w a conj(b)|,  divided by sum w,  w = w_a w_b,  w_p = |probe|**2 / max
+
+over the common pixels of the two patches ``a`` and ``b`` (integer scan offsets). It is zero exactly when
+``a = e^{i phi} b`` there: the relative constant phase is removed analytically, everything else must match. Like
+the Poisson term it needs no ground truth; it teaches the network to reconstruct each patch in a way that stitches.
 
 Scale conventions and the forward model and loss are documented in :mod:`mlflow_ptycho_flavor.sim.physics`.
 
@@ -52,6 +62,7 @@ from mlflow_ptycho_flavor.sim.physics import ForwardModel, PhysicsScaling, compu
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "learning_rate_at",
     "predict_patches",
     "init_for_training",
     "train_model",
@@ -60,6 +71,7 @@ __all__ = [
 
 LOSSES = ("poisson", "mae")
 INITS = ("lsuv", "default")
+LR_SCHEDULES = ("constant", "cosine")
 #: Patterns of the one forward pass :func:`init_for_training` rescales the layers on.
 _INIT_PATTERNS = 64
 
@@ -74,14 +86,17 @@ class TrainConfig:
     Defaults follow upstream where it has one (batch 16, Adam at 1e-3, Poisson loss, sigmoid amplitude,
     ``probe.big``) except the network width (``n_filters_scale=1`` instead of 2, for CPU speed) and the
     initialisation (``init="lsuv"``). The default 200 steps reach a useful reconstruction of the simulator's
-    default scan (the demo trains with them).
+    default scan (``ptycho-flavor demo --from-scratch`` trains with them).
 
     Attributes:
         N: Pattern size; must match the dataset (64, 128 or 256).
         n_filters_scale: Width multiplier ``s`` of the network (upstream default 2; 1 has ~4x fewer weights).
         steps: Optimizer steps (one batch each).
         batch_size: Patterns per step.
-        learning_rate: Adam learning rate.
+        learning_rate: Adam learning rate (the peak rate of the ``"cosine"`` schedule).
+        lr_schedule: ``"constant"`` (default) or ``"cosine"``: the rate falls from ``learning_rate`` to
+            ``final_learning_rate`` along half a cosine over the steps (long runs converge further with it).
+        final_learning_rate: the rate at the last step of the ``"cosine"`` schedule (ignored by ``"constant"``).
         loss: ``"poisson"`` (NLL of the counts, upstream's default) or ``"mae"`` (on amplitudes).
         seed: Seeds the network initialisation and the batch order; same seed, same data, same device ->
             the same loss history.
@@ -89,6 +104,9 @@ class TrainConfig:
         probe_big: Network's border path on (upstream default True).
         amp_activation: Amplitude head activation, ``"sigmoid"`` (upstream default) or ``"swish"``.
         nphotons: Photon budget per pattern for ``intensity_scale``; ``None`` = the measured mean total counts.
+        overlap_weight: weight of the overlap-consistency term of the module docstring (0, the default, trains on
+            the per-pattern physics alone, as upstream's gridsize 1); needs an even ``batch_size`` >= 2 and a scan
+            whose positions overlap.
         init: ``"lsuv"`` (data-dependent rescaling, see the module docstring) or ``"default"`` (PyTorch's init,
             as upstream; trains much more slowly).
         num_threads: torch CPU threads during training (restored afterwards); ``None`` keeps the current
@@ -103,7 +121,10 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 16
     learning_rate: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    final_learning_rate: float = 1e-5
     loss: Literal["poisson", "mae"] = "poisson"
+    overlap_weight: float = 0.0
     seed: int = 0
     device: str = "auto"
     probe_big: bool = True
@@ -124,9 +145,20 @@ class TrainConfig:
             raise InvalidArgumentError(f"TrainConfig.N={self.N} is not supported; the network takes N = 64, 128 or 256")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise InvalidArgumentError(f"TrainConfig.seed must be a non-negative integer, got {self.seed!r}")
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-            raise InvalidArgumentError(f"TrainConfig.learning_rate must be a finite number > 0, got {lr!r}")
+        for name in ("learning_rate", "final_learning_rate"):
+            lr = getattr(self, name)
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+                raise InvalidArgumentError(f"TrainConfig.{name} must be a finite number > 0, got {lr!r}")
+        ow = self.overlap_weight
+        if isinstance(ow, bool) or not isinstance(ow, (int, float)) or not (math.isfinite(ow) and ow >= 0):
+            raise InvalidArgumentError(f"TrainConfig.overlap_weight must be a finite number >= 0, got {ow!r}")
+        if ow > 0 and self.batch_size % 2:
+            raise InvalidArgumentError(
+                f"TrainConfig.overlap_weight > 0 pairs each anchor pattern with a neighbour, so batch_size must be "
+                f"even; got {self.batch_size}"
+            )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InvalidArgumentError(f"TrainConfig.lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
         if self.loss not in LOSSES:
             raise InvalidArgumentError(f"TrainConfig.loss={self.loss!r} is not one of {LOSSES}")
         if self.init not in INITS:
@@ -277,6 +309,44 @@ def _loss(kind: str, far: torch.Tensor, target: torch.Tensor, counts: torch.Tens
     return (far.abs() - target).abs().mean()
 
 
+#: Largest scan offset (fraction of N, in x and in y) between an anchor pattern and its overlap partner.
+_OVERLAP_MAX_SHIFT = 1.0 / 3.0
+
+
+def _overlap_partners(dataset: PtychoDataset) -> list[np.ndarray]:
+    """For each pattern, the patterns whose rounded scan offset from it is at most ``N/3`` in x and y."""
+    rounded = np.rint(dataset.offsets).astype(np.int64)
+    limit = max(1, int(dataset.N * _OVERLAP_MAX_SHIFT))
+    order = np.argsort(rounded[:, 0], kind="stable")
+    xs = rounded[order, 0]
+    partners = []
+    for index in range(len(rounded)):
+        lo, hi = np.searchsorted(xs, [rounded[index, 0] - limit, rounded[index, 0] + limit + 1])
+        near = order[lo:hi]
+        near = near[(np.abs(rounded[near, 1] - rounded[index, 1]) <= limit) & (near != index)]
+        partners.append(np.sort(near))
+    return partners
+
+
+def _overlap_loss(first: torch.Tensor, second: torch.Tensor, shifts: np.ndarray, weight: torch.Tensor) -> torch.Tensor:
+    """Mean weighted mismatch of pattern pairs on their common pixels, relative constant phase removed (docstring).
+
+    ``first``/``second``: complex ``(P, N, N)`` predicted patches; ``shifts``: ``(P, 2)`` integer ``(dx, dy)`` scan
+    offsets of ``second`` relative to ``first``; ``weight``: real ``(N, N)`` illumination weights.
+    """
+    n = first.shape[-1]
+    terms = []
+    for k, (dx, dy) in enumerate(shifts.tolist()):
+        r0, r1 = max(0, dy), min(n, n + dy)
+        c0, c1 = max(0, dx), min(n, n + dx)
+        a = first[k, r0:r1, c0:c1]
+        b = second[k, r0 - dy:r1 - dy, c0 - dx:c1 - dx]
+        w = weight[r0:r1, c0:c1] * weight[r0 - dy:r1 - dy, c0 - dx:c1 - dx]
+        energy = torch.sum(w * (a.real.square() + a.imag.square() + b.real.square() + b.imag.square()))
+        terms.append((energy - 2 * torch.sum(w * a * torch.conj(b)).abs()) / w.sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,6 +441,15 @@ def _batch_schedule(n_patterns: int, batch_size: int, steps: int, seed: int) -> 
     return stream[:needed].reshape(steps, batch_size)
 
 
+def learning_rate_at(config: TrainConfig, step: int) -> float:
+    """The Adam learning rate of ``step`` (0-based) under ``config.lr_schedule``."""
+    if config.lr_schedule == "constant" or config.steps == 1:
+        return float(config.learning_rate)
+    progress = step / (config.steps - 1)
+    low, high = float(config.final_learning_rate), float(config.learning_rate)
+    return low + 0.5 * (high - low) * (1.0 + math.cos(math.pi * progress))
+
+
 def _check_dataset(dataset: Any, name: str, n: int) -> PtychoDataset:
     if not isinstance(dataset, PtychoDataset):
         raise TypeError(f"`{name}` must be a PtychoDataset (see sim.dataset.load_npz / sim.simulate.simulate_dataset), got {type(dataset).__name__}")
@@ -448,7 +527,20 @@ def _train(
     counts = target.square()
     offset = _poisson_offset(counts)
     factor = torch.tensor(scaling.normalization_factor, dtype=torch.float32, device=device)
-    schedule = torch.from_numpy(_batch_schedule(n_train, config.batch_size, config.steps, config.seed))
+    pairing = config.overlap_weight > 0
+    anchors_per_step = config.batch_size // 2 if pairing else config.batch_size
+    schedule = torch.from_numpy(_batch_schedule(n_train, anchors_per_step, config.steps, config.seed))
+    if pairing:
+        partners = _overlap_partners(dataset)
+        if not any(len(p) for p in partners):
+            raise InvalidArgumentError(
+                "TrainConfig.overlap_weight > 0 needs overlapping scan positions (neighbours within N/3 pixels), but "
+                "no two positions of the training set are that close; set overlap_weight=0"
+            )
+        partner_rng = np.random.default_rng(int(config.seed) + 1)
+        rounded = np.rint(dataset.offsets).astype(np.int64)
+        intensity = np.abs(dataset.probeGuess.astype(np.complex128)) ** 2
+        overlap_weights = torch.from_numpy((intensity / intensity.max()).astype(np.float32)).to(device)
 
     net_config = NetworkConfig(
         N=config.N,
@@ -485,10 +577,23 @@ def _train(
     t0 = time.perf_counter()
     with tqdm(total=config.steps, desc="train", unit="step", disable=not config.progress, leave=True) as bar:
         for step in range(config.steps):
-            idx = schedule[step].to(device)
+            anchors = schedule[step].numpy()
+            if pairing:
+                # A pattern without neighbours is its own partner (zero shift, zero mismatch).
+                mates = np.array([partner_rng.choice(partners[i]) if len(partners[i]) else i for i in anchors])
+                idx = torch.from_numpy(np.concatenate([anchors, mates])).to(device)
+            else:
+                idx = torch.from_numpy(anchors).to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(config, step)
             objects = network(inputs[idx], factor)
             far = physics.far_field(objects)
             loss = _loss(config.loss, far, target[idx], counts[idx], offset[idx])
+            if pairing:
+                half = len(anchors)
+                loss = loss + config.overlap_weight * _overlap_loss(
+                    objects[:half, 0], objects[half:, 0], rounded[mates] - rounded[anchors], overlap_weights
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
