@@ -73,13 +73,14 @@ def raw_callable(network: Any, x: np.ndarray, device: str) -> Callable[[], np.nd
 
 
 class _StubbedForward:
-    """Context manager: ``network.forward`` returns ``cached`` (an instance attribute shadowing the method)."""
+    """Context manager: ``network.forward`` returns ``cached`` cut to the call's batch (an instance attribute
+    shadowing the method; the predict paths split large inputs into batches)."""
 
     def __init__(self, network: Any, cached: Any) -> None:
         self.network, self.cached = network, cached
 
     def __enter__(self) -> None:
-        self.network.forward = lambda *args, **kwargs: self.cached
+        self.network.forward = lambda x, *args, **kwargs: self.cached[: x.shape[0]]
 
     def __exit__(self, *exc: Any) -> None:
         del self.network.forward

@@ -33,7 +33,7 @@ from mlflow_ptycho_flavor.errors import (
     short_message,
     short_repr,
 )
-from mlflow_ptycho_flavor.network import AnyNetworkConfig, FnoNetworkConfig, build_network
+from mlflow_ptycho_flavor.network import AnyNetworkConfig, FnoNetworkConfig, build_network, weightless_construction
 from mlflow_ptycho_flavor.network.fno import check_aliases_agree
 
 __all__ = [
@@ -263,7 +263,7 @@ def network_layout(config: AnyNetworkConfig) -> Layout:
         if cached is not None:
             _layout_cache.move_to_end(key)
             return cached
-    with config_errors("the bundle's network configuration"), torch.device("meta"):
+    with config_errors("the bundle's network configuration"), weightless_construction():
         tensors = build_network(key).state_dict(keep_vars=True)
     distinct = {id(t): t for t in tensors.values()}.values()
     return Layout(

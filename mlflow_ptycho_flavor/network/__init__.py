@@ -21,6 +21,7 @@ import torch
 
 from mlflow_ptycho_flavor.errors import InvalidArgumentError
 from mlflow_ptycho_flavor.network.cnn import PtychoPINNNetwork, encoder_depth
+from mlflow_ptycho_flavor.network.common import weightless_construction
 from mlflow_ptycho_flavor.network.config import SUPPORTED_PATCH_SIZES, NetworkConfig
 from mlflow_ptycho_flavor.network.fno import PtychoFnoNetwork
 from mlflow_ptycho_flavor.network.fno_config import FNO_ARCHITECTURES, FnoNetworkConfig
@@ -41,6 +42,7 @@ __all__ = [
     "network_classes",
     "network_from_state_dict",
     "resolve_device",
+    "weightless_construction",
 ]
 
 #: Every ``architecture`` value this package builds.

@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlflow_ptycho_flavor.errors import UnsupportedBundleError
-from mlflow_ptycho_flavor.network.common import ForwardModel, ScaledInputNetwork, fixed_input_scale
+from mlflow_ptycho_flavor.network.common import (
+    ForwardModel,
+    ScaledInputNetwork,
+    fixed_input_scale,
+    weightless_construction,
+)
 from mlflow_ptycho_flavor.network.config import NetworkConfig
 
 __all__ = ["PtychoPINNNetwork", "encoder_depth"]
@@ -396,7 +401,7 @@ class PtychoPINNNetwork(ScaledInputNetwork):
         are adopted as its parameters and buffers (``load_state_dict(strict=True, assign=True)``), so loading
         costs what reading the weights costs. The caller hands the tensors over: they become the network's.
         """
-        with torch.device("meta"):
+        with weightless_construction():
             network = cls(config)
         network.load_state_dict(state_dict, strict=True, assign=True)
         for module in network.modules():

@@ -3,13 +3,45 @@ around the generator core (§3.7, §8.4)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["ForwardModel", "ScaledInputNetwork", "fixed_input_scale"]
+__all__ = ["ForwardModel", "ScaledInputNetwork", "fixed_input_scale", "weightless_construction"]
+
+#: What a layer's ``reset_parameters`` calls: every in-place initialiser of ``torch.nn.init`` and the tensor methods
+#: they end in. Skipped while a network is built only to adopt stored weights.
+_INITIALISERS = frozenset(
+    [getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    + [torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.zero_, torch.Tensor.fill_]
+)
+
+
+class _SkipInitialisers(TorchFunctionMode):
+    """Turns the initialisers of :data:`_INITIALISERS` into no-ops (thread-local, like every torch function mode)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in _INITIALISERS:
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def weightless_construction() -> Iterator[None]:
+    """Build modules on the ``meta`` device without running their random initialisation.
+
+    For networks whose every parameter and buffer is about to be replaced by stored weights
+    (``load_state_dict(strict=True, assign=True)``): initialising meta tensors computes nothing but still costs
+    most of a network's construction time (the decompositions of ``uniform_`` on ``meta``), about half of it for the
+    CNN. Anything a loader sets outside the state_dict (non-persistent buffers) must be set afterwards.
+    """
+    with torch.device("meta"), _SkipInitialisers():
+        yield
 
 
 class _RectScaler(nn.Module):

@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlflow_ptycho_flavor.errors import StateDictMismatchError
-from mlflow_ptycho_flavor.network.common import ForwardModel, ScaledInputNetwork, fixed_input_scale
+from mlflow_ptycho_flavor.network.common import (
+    ForwardModel,
+    ScaledInputNetwork,
+    fixed_input_scale,
+    weightless_construction,
+)
 from mlflow_ptycho_flavor.network.fno_config import FnoNetworkConfig
 
 __all__ = [
@@ -317,7 +322,7 @@ def alias_groups(config: FnoNetworkConfig) -> tuple[tuple[str, ...], ...]:
 
     Built once per configuration on the ``meta`` device (no memory). Single-key groups are included.
     """
-    with torch.device("meta"):
+    with weightless_construction():
         network = PtychoFnoNetwork(config)
     groups: dict[int, list[str]] = {}
     for key, tensor in network.state_dict(keep_vars=True).items():
@@ -397,7 +402,7 @@ class PtychoFnoNetwork(ScaledInputNetwork):
         upstream's load. The caller hands the tensors over: they become the network's.
         """
         check_aliases_agree(config, state_dict)
-        with torch.device("meta"):
+        with weightless_construction():
             network = cls(config)
         network.load_state_dict(state_dict, strict=True, assign=True)
         return network

@@ -64,7 +64,7 @@ from mlflow_ptycho_flavor.convert.tensorflow.graph import _parse_layers, _trace_
 from mlflow_ptycho_flavor.convert.tensorflow.mapping import _check_params_agree, _intensity_scale, _torch_settings
 from mlflow_ptycho_flavor.convert.tensorflow.weights import _read_conv_weights, _read_intensity_scale_attr
 from mlflow_ptycho_flavor.errors import PtychoFlavorError
-from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
+from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork, weightless_construction
 
 __all__ = [
     "TF_ARCHIVE_VERSION",
@@ -166,7 +166,7 @@ def read_tf_archive(path: PathLike, *, limits: BundleLimits = DEFAULT_LIMITS) ->
         config = NetworkConfig(**settings, intensity_scale=intensity_scale)
     except PtychoFlavorError as exc:
         raise _refuse(f"the implied PyTorch configuration is invalid: {exc}") from exc
-    with torch.device("meta"):
+    with weightless_construction():
         layout = PtychoPINNNetwork(config).state_dict()
     torch_bytes = sum(t.numel() * t.element_size() for t in layout.values())
     if torch_bytes > 2 * len(weights_bytes) + 16 * 1024**2:
