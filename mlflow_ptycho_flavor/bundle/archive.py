@@ -8,7 +8,11 @@ entry, the compression ratio is computed against the bytes a member really occup
 compressed size), and members are inflated through a reader that stops at the cap. A zip nested in a member (the
 torch zip inside ``model.pth``) gets the same checks (:func:`check_nested_zip`). The writer produces
 byte-identical archives for identical members (fixed timestamps and modes) through the package's one atomic
-writer, and refuses to write an archive the reader would refuse (:func:`size_problem`).
+writer, and refuses to write an archive the reader would refuse (:func:`size_problem`). Members that are zip files
+themselves (torch's format: ``model.pth``, ``torch_scaling_metadata.pt``) are stored, the pickles deflated
+(docs/bundle-format.md §1.3); stored members are read straight from the file, and an archive whose directory is not
+the file's own (a file cut short after a stored zip member exposes that member's directory) is refused as
+truncated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -311,6 +316,12 @@ class ArchiveReader:
             raise CorruptBundleError(f"{path} cannot be read as a zip archive: {short_error(exc)}") from exc
         try:
             self._infos = self._index()
+            if head == b"PK\x03\x04" and self._infos and all(i.header_offset != 0 for i in self._infos.values()):
+                raise CorruptBundleError(
+                    f"{path} is cut short or damaged: the zip directory at its end does not list the member the file "
+                    "starts with (it belongs to a zip stored inside one of its members, which is what a copy truncated "
+                    "after its weights shows); re-download or re-copy it"
+                )
             self._occupied = _extents(self._file, list(self._infos.values()), self._zip.start_dir)
         except BaseException:
             self.close()
@@ -365,12 +376,24 @@ class ArchiveReader:
     def size(self, name: str) -> int:
         return self._infos[name].file_size
 
-    def read(self, name: str, *, genuine_bytes: int = 0) -> bytes:
+    def stored(self, name: str) -> bool:
+        """Whether the member is stored uncompressed (read straight from the file; its CRC is the caller's to check
+        when read with ``verify_crc=False``)."""
+        return self._infos[name].compress_type == zipfile.ZIP_STORED
+
+    def crc(self, name: str) -> int:
+        """The CRC-32 the central directory records for the member."""
+        return self._infos[name].CRC
+
+    def read(self, name: str, *, genuine_bytes: int = 0, verify_crc: bool = True) -> bytes:
         """The member's bytes, inflated through a reader that stops at the caps whatever the headers declare.
 
         Args:
             name: the member.
             genuine_bytes: what the member can legitimately hold (see :func:`size_problem`).
+            verify_crc: check a stored member's CRC-32 here (default). ``False`` leaves it to a caller that verifies
+                the bytes some other way (a sha256 from the manifest, or :meth:`crc` on a worker thread); deflated
+                members are always checked while they inflate.
         """
         info = self._infos.get(name)
         if info is None:
@@ -390,6 +413,10 @@ class ArchiveReader:
             raise UnsupportedBundleError(
                 f"member {short_repr(name)} of {self.path} is encrypted; bundles are never encrypted, so it is not read"
             )
+        if info.compress_type == zipfile.ZIP_STORED:
+            data = self._read_stored(info, verify_crc)
+            self._total += len(data)
+            return data
         chunks = []
         received = 0
         try:
@@ -421,6 +448,35 @@ class ArchiveReader:
         self._total += received
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def _read_stored(self, info: zipfile.ZipInfo, verify_crc: bool) -> bytes:
+        """A stored member in one read from the file, after the checks ``zipfile`` makes (local header signature and
+        name); its extent was checked against the next structure when the archive was opened."""
+        name = info.filename
+        if info.compress_size != info.file_size or self._occupied[name] != info.file_size:
+            raise CorruptBundleError(
+                f"the stored member {short_repr(name)} of {self.path} declares {info.file_size} bytes but occupies "
+                f"{self._occupied[name]} (compressed size {info.compress_size}); the file is damaged"
+            )
+        self._file.seek(info.header_offset)
+        header = self._file.read(_LOCAL_HEADER.size)
+        fields = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else None
+        if fields is None or fields[0] != b"PK\x03\x04":
+            raise CorruptBundleError(f"member {short_repr(name)} of {self.path} is damaged: bad local file header")
+        encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+        if self._file.read(fields[9]) != info.orig_filename.encode(encoding, "replace"):
+            raise CorruptBundleError(
+                f"member {short_repr(name)} of {self.path} is damaged: its local header names another file"
+            )
+        self._file.seek(fields[10], os.SEEK_CUR)
+        data = self._file.read(info.file_size)
+        if len(data) != info.file_size:
+            raise CorruptBundleError(f"member {short_repr(name)} of {self.path} is cut short")
+        if verify_crc and zlib.crc32(data) != info.CRC:
+            raise CorruptBundleError(
+                f"member {short_repr(name)} of {self.path} is damaged: its CRC-32 does not match the directory's"
+            )
+        return data
+
     def close(self) -> None:
         try:
             self._zip.close()
@@ -428,11 +484,13 @@ class ArchiveReader:
             self._file.close()
 
 
-def _zip_info(name: str) -> zipfile.ZipInfo:
+def _zip_info(name: str, data: bytes) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-    # Every member deflated, as upstream writes them. (Storing model.pth uncompressed loads faster, but a file cut
-    # short inside it would expose the nested torch zip's own directory to zip readers.)
-    info.compress_type = zipfile.ZIP_DEFLATED
+    # Zip files inside the archive (torch's format) are stored: float32 weights deflate to ~0.91x at most, and
+    # inflating them was half the load time; any zip reader takes stored members (upstream's included). A file cut
+    # short after one would show its directory as the archive's: ArchiveReader refuses that as truncated.
+    # Pickles are deflated as upstream writes them (docs/bundle-format.md §1.3).
+    info.compress_type = zipfile.ZIP_STORED if data.startswith(b"PK\x03\x04") else zipfile.ZIP_DEFLATED
     info.external_attr = (stat.S_IFREG | 0o644) << 16
     return info
 
@@ -459,7 +517,7 @@ def write_zip(
     def write(handle) -> None:
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name, data in members:
-                archive.writestr(_zip_info(name), data)
+                archive.writestr(_zip_info(name, data), data)
             if limits is not None:
                 _check_written(archive.infolist(), limits, genuine_bytes or {})
 

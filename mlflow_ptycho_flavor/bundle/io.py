@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ from mlflow_ptycho_flavor.bundle.metadata import (
 )
 from mlflow_ptycho_flavor.bundle.unpickle import safe_loads, torch_load, unsafe_loading_allowed
 from mlflow_ptycho_flavor.errors import (
+    BundleError,
     ConfigMismatchError,
     CorruptBundleError,
     TensorFlowBundleError,
@@ -152,7 +155,8 @@ class BundleContents:
         if adopt_weights:
             with config_errors("diffraction_to_obj/model.pth"):
                 network = network_from_state_dict(self.network_config, self.state_dict)
-            return network.to(target).eval()
+            # the weights were read onto the CPU: moving there would only walk every module
+            return (network if target.type == "cpu" else network.to(target)).eval()
         with config_errors("the bundle's network configuration"):
             network = build_network(self.network_config)
         strict_load(network, self.state_dict)
@@ -225,6 +229,59 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
             f"{expected[:16]}..., got {actual[:16]}...): the bundle was modified or damaged after it was written"
         )
     verified.append(name)
+
+
+class _MemberDigest:
+    """The integrity check of one large member, computed on a worker thread while the caller decodes it.
+
+    ``hashlib`` and ``zlib`` release the GIL on large buffers, so with a spare core the sha256 of ``model.pth`` (or
+    its CRC-32, for bundles whose manifest records no hashes) costs no wall time; :meth:`check` waits for it. The
+    check guards against damage, not tampering (whoever can edit the member can edit the manifest), so decoding the
+    bytes before the digest is known loses nothing: the decoders are bounded on their own.
+    """
+
+    def __init__(self, reader: ArchiveReader, manifest: Mapping[str, Any], name: str, data: bytes) -> None:
+        self.name = name
+        self.expected_sha256: str | None = (manifest.get("sha256") or {}).get(name)
+        self.expected_crc = reader.crc(name) if self.expected_sha256 is None and reader.stored(name) else None
+        self._data: bytes | None = data
+        self._actual: str | int | None = None
+        self._thread: threading.Thread | None = None
+        if self.expected_sha256 is None and self.expected_crc is None:
+            return  # a deflated member without a recorded hash: zipfile checked its CRC while inflating it
+        try:
+            self._thread = threading.Thread(target=self._compute, name="ptycho-bundle-digest", daemon=True)
+            self._thread.start()
+        except RuntimeError:  # no thread available: compute it in check()
+            self._thread = None
+
+    def _compute(self) -> None:
+        data, self._data = self._data, None
+        if data is None:
+            return
+        if self.expected_sha256 is not None:
+            self._actual = hashlib.sha256(data).hexdigest()
+        else:
+            self._actual = zlib.crc32(data)
+
+    def check(self, verified: list[str]) -> None:
+        """Wait for the digest and raise :class:`CorruptBundleError` if it does not match."""
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._compute()
+        if self.expected_sha256 is not None:
+            if self._actual != self.expected_sha256.lower():
+                raise CorruptBundleError(
+                    f"member {short_repr(self.name)} does not match the sha256 recorded in manifest.dill (expected "
+                    f"{self.expected_sha256[:16]}..., got {str(self._actual)[:16]}...): the bundle was modified or "
+                    "damaged after it was written"
+                )
+            verified.append(self.name)
+        elif self.expected_crc is not None and self._actual != self.expected_crc:
+            raise CorruptBundleError(
+                f"member {short_repr(self.name)} is damaged: its CRC-32 does not match the zip directory's"
+            )
 
 
 def read_bundle(
@@ -309,14 +366,19 @@ def read_bundle(
         # never past the per-member cap.
         layout = network_layout(network_config)
         genuine = min(layout.genuine_file_bytes, limits.max_member_bytes)
-        raw = reader.read(weights_member, genuine_bytes=genuine)
-        _verify_hash(manifest, weights_member, raw, verified)
-        state_dict = torch_load(raw, weights_member, scan=scan, max_inflated_bytes=max(len(raw), genuine))
-        check_state_dict_values(state_dict, weights_member)
-        detect_era(state_dict, network_config)
-        check_fits(network_config, state_dict, len(raw), layout)
-        if not allow_nonfinite:
-            check_finite_weights(state_dict, weights_member)
+        raw = reader.read(weights_member, genuine_bytes=genuine, verify_crc=False)
+        digest = _MemberDigest(reader, manifest, weights_member, raw)
+        try:
+            state_dict = torch_load(raw, weights_member, scan=scan, max_inflated_bytes=max(len(raw), genuine))
+            check_state_dict_values(state_dict, weights_member)
+            detect_era(state_dict, network_config)
+            check_fits(network_config, state_dict, len(raw), layout)
+            if not allow_nonfinite:
+                check_finite_weights(state_dict, weights_member)
+        except BundleError:
+            digest.check(verified)  # damage explains a decoding failure better than the decoder does
+            raise
+        digest.check(verified)
         hashes = manifest.get("sha256") or {}
         for name in reader.names:
             if name not in verified and name != MANIFEST_MEMBER and hashes.get(name):

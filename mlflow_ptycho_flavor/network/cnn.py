@@ -22,7 +22,7 @@ from mlflow_ptycho_flavor.network.common import (
     ForwardModel,
     ScaledInputNetwork,
     fixed_input_scale,
-    weightless_construction,
+    weightless_network,
 )
 from mlflow_ptycho_flavor.network.config import NetworkConfig
 
@@ -401,8 +401,7 @@ class PtychoPINNNetwork(ScaledInputNetwork):
         are adopted as its parameters and buffers (``load_state_dict(strict=True, assign=True)``), so loading
         costs what reading the weights costs. The caller hands the tensors over: they become the network's.
         """
-        with weightless_construction():
-            network = cls(config)
+        network = weightless_network(cls, config)
         network.load_state_dict(state_dict, strict=True, assign=True)
         for module in network.modules():
             if isinstance(module, _Head):

@@ -33,6 +33,7 @@ from mlflow_ptycho_flavor.network.common import (
     ScaledInputNetwork,
     fixed_input_scale,
     weightless_construction,
+    weightless_network,
 )
 from mlflow_ptycho_flavor.network.fno_config import FnoNetworkConfig
 
@@ -402,8 +403,7 @@ class PtychoFnoNetwork(ScaledInputNetwork):
         upstream's load. The caller hands the tensors over: they become the network's.
         """
         check_aliases_agree(config, state_dict)
-        with weightless_construction():
-            network = cls(config)
+        network = weightless_network(cls, config)
         network.load_state_dict(state_dict, strict=True, assign=True)
         return network
 
