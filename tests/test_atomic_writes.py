@@ -247,7 +247,8 @@ def test_sigkill_during_save(networks, tmp_path):
             assert network.config.N == 64
         temp = target.parent / stale[0]
         if name.startswith("mid-members"):  # a partial archive: the loader refuses it with a typed error
-            with pytest.raises(BundleError, match=r"is not a zip archive"):
+            # killed after the stored weights were written, the file ends in the torch file's own directory
+            with pytest.raises(BundleError, match=r"is not a zip archive|is cut short or damaged"):
                 read_bundle(temp)
         else:  # killed just before the rename: the temp file is complete (and would load)
             assert read_bundle(temp).network_config.N == 64

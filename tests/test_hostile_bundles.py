@@ -194,6 +194,18 @@ def base_bytes(base) -> bytes:
     return base.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def deflated_bytes(base_bytes) -> bytes:
+    """The base bundle with every member deflated, as upstream writes bundles (ours stores the torch files)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(base_bytes)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            target.writestr(info, data)
+    return out.getvalue()
+
+
 def _zip(path: Path, entries, *, compression=zipfile.ZIP_STORED) -> Path:
     """Write ``entries`` ((name or ZipInfo, bytes) pairs; duplicates allowed) as a zip at ``path``.
 
@@ -630,13 +642,28 @@ def test_truncated_at_many_offsets(base_bytes, tmp_path, refused):
 @pytest.mark.parametrize("member", [MANIFEST, WEIGHTS, PARAMS, AE_PARAMS, METADATA, AE_WEIGHTS])
 @pytest.mark.parametrize("where", [0.1, 0.5, 0.9])
 def test_flipped_compressed_bytes(base_bytes, tmp_path, refused, member, where):
+    """A flipped byte in any member's data: deflated members fail their CRC (or inflation) in zipfile; stored ones
+    (the torch files, read straight from the file) fail the manifest's sha256, checked beside the decoding."""
     start, size = _data_offset(base_bytes, member)
     data = bytearray(base_bytes)
     data[start + int(size * where)] ^= 0x55
     path = tmp_path / "wts.h5.zip"
     path.write_bytes(bytes(data))
     refused(path, CorruptBundleError,
-            rf"member '{member}' of .* (is damaged: Bad CRC-32|cannot be decompressed)|'{member}' .*decompressed to")
+            rf"member '{member}' of .* (is damaged: Bad CRC-32|cannot be decompressed)|'{member}' .*decompressed to"
+            rf"|member '{member}' does not match the sha256 recorded in manifest\.dill")
+
+
+#: How the stored model.pth (read straight from the file) reports the damage where its wording differs.
+_STORED_OUTCOMES = {
+    "size-smaller": (CorruptBundleError, r"stored member 'diffraction_to_obj/model\.pth' .* declares \d+ bytes but occupies"),
+    "size-larger": (CorruptBundleError, r"stored member 'diffraction_to_obj/model\.pth' .* declares \d+ bytes but occupies"),
+    "method-flipped": (CorruptBundleError, r"cannot be decompressed|is damaged"),
+    "header-offset-out-of-file": (CorruptBundleError, r"declares \d+ bytes but occupies 0 .*the file is damaged"),
+    # the torch file's own end record, stored in the bundle, is the last one a reader finds
+    "eocd-signature": (CorruptBundleError, r"is cut short or damaged: the zip directory at its end belongs to a zip "
+                                           r"stored inside one of its members"),
+}
 
 
 @pytest.mark.parametrize(
@@ -656,13 +683,19 @@ def test_flipped_compressed_bytes(base_bytes, tmp_path, refused, member, where):
         ("method-unknown", UnsupportedBundleError, r"unsupported zip feature: That compression method"),
         ("method-bzip2", CorruptBundleError, r"cannot be decompressed: OSError: Invalid data stream"),
         ("method-lzma", CorruptBundleError, r"cannot be decompressed|is damaged"),
-        ("method-stored", CorruptBundleError, r"is damaged: Bad CRC-32"),
+        ("method-flipped", CorruptBundleError, r"is damaged"),
         ("header-offset-out-of-file", CorruptBundleError, r"is damaged: Truncated file header"),
         ("eocd-signature", NotABundleError, r"is not a zip archive"),
         ("eocd-cd-offset", CorruptBundleError, r"manifest\.dill' of .* cannot be decompressed: OSError"),
     ],
 )
-def test_flipped_header_fields(base_bytes, tmp_path, refused, target, error, match):
+@pytest.mark.parametrize("layout", ["deflated", "stored"])
+def test_flipped_header_fields(base_bytes, deflated_bytes, tmp_path, refused, layout, target, error, match):
+    """Damaged zip fields on diffraction_to_obj/model.pth, deflated (upstream's layout, read through zipfile) and
+    stored (ours, read straight from the file); where the stored path words it differently, _STORED_OUTCOMES says so."""
+    base_bytes = deflated_bytes if layout == "deflated" else base_bytes
+    if layout == "stored":
+        error, match = _STORED_OUTCOMES.get(target, (error, match))
     data = bytearray(base_bytes)
     entries = dict((name, offset) for offset, name in _cd_entries(base_bytes))
     cd = entries[WEIGHTS]
@@ -699,8 +732,9 @@ def test_flipped_header_fields(base_bytes, tmp_path, refused, target, error, mat
         data = bytearray(_patch(base_bytes, WEIGHTS, 10, "<H", zipfile.ZIP_BZIP2))
     elif target == "method-lzma":
         data = bytearray(_patch(base_bytes, WEIGHTS, 10, "<H", zipfile.ZIP_LZMA))
-    elif target == "method-stored":
-        data = bytearray(_patch(base_bytes, WEIGHTS, 10, "<H", zipfile.ZIP_STORED))
+    elif target == "method-flipped":
+        method = zipfile.ZIP_STORED if layout == "deflated" else zipfile.ZIP_DEFLATED
+        data = bytearray(_patch(base_bytes, WEIGHTS, 10, "<H", method))
     elif target == "header-offset-out-of-file":
         struct.pack_into("<I", data, cd + 42, 0x7FFFFFFF)
     elif target == "eocd-signature":

@@ -32,6 +32,7 @@ from mlflow_ptycho_flavor._io import PathLike, atomic_write
 from mlflow_ptycho_flavor.bundle.identify import (
     FOREIGN_KINDS,
     ArtifactKind,
+    directory_belongs_inside,
     directory_extent,
     identify_artifact,
     open_regular_file,
@@ -291,6 +292,11 @@ class ArchiveReader:
         self._file: BinaryIO = io.BytesIO(data) if data is not None else self._open_regular_file(path)
         try:
             head = self._file.read(4)
+            if directory_belongs_inside(self._file):
+                raise CorruptBundleError(
+                    f"{path} is cut short or damaged: the zip directory at its end belongs to a zip stored inside one "
+                    "of its members (what a copy truncated after its weights shows); re-download or re-copy it"
+                )
             problem, extent = _directory_problem(self._file, str(path), limits.max_members, "a bundle has 6")
             if problem:
                 # A foreign file with a modest directory (a Lightning checkpoint: hundreds of records) is named for
@@ -316,12 +322,6 @@ class ArchiveReader:
             raise CorruptBundleError(f"{path} cannot be read as a zip archive: {short_error(exc)}") from exc
         try:
             self._infos = self._index()
-            if head == b"PK\x03\x04" and self._infos and all(i.header_offset != 0 for i in self._infos.values()):
-                raise CorruptBundleError(
-                    f"{path} is cut short or damaged: the zip directory at its end does not list the member the file "
-                    "starts with (it belongs to a zip stored inside one of its members, which is what a copy truncated "
-                    "after its weights shows); re-download or re-copy it"
-                )
             self._occupied = _extents(self._file, list(self._infos.values()), self._zip.start_dir)
         except BaseException:
             self.close()
@@ -461,21 +461,25 @@ class ArchiveReader:
         header = self._file.read(_LOCAL_HEADER.size)
         fields = _LOCAL_HEADER.unpack(header) if len(header) == _LOCAL_HEADER.size else None
         if fields is None or fields[0] != b"PK\x03\x04":
-            raise CorruptBundleError(f"member {short_repr(name)} of {self.path} is damaged: bad local file header")
+            raise CorruptBundleError(f"member {short_repr(name)} of {self.path} is damaged: Bad magic number for file header")
         encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
-        if self._file.read(fields[9]) != info.orig_filename.encode(encoding, "replace"):
+        local_name = self._file.read(fields[9])
+        if local_name != info.orig_filename.encode(encoding, "replace"):
             raise CorruptBundleError(
-                f"member {short_repr(name)} of {self.path} is damaged: its local header names another file"
+                f"member {short_repr(name)} of {self.path} is damaged: File name in directory {short_repr(name)} and "
+                f"header {short_repr(local_name)} differ"
             )
         self._file.seek(fields[10], os.SEEK_CUR)
         data = self._file.read(info.file_size)
         if len(data) != info.file_size:
             raise CorruptBundleError(f"member {short_repr(name)} of {self.path} is cut short")
         if verify_crc and zlib.crc32(data) != info.CRC:
-            raise CorruptBundleError(
-                f"member {short_repr(name)} of {self.path} is damaged: its CRC-32 does not match the directory's"
-            )
+            raise self.crc_error(name)
         return data
+
+    def crc_error(self, name: str) -> CorruptBundleError:
+        """The error for a member whose bytes do not match the directory's CRC-32 (``zipfile``'s wording)."""
+        return CorruptBundleError(f"member {short_repr(name)} of {self.path} is damaged: Bad CRC-32 for file {short_repr(name)}")
 
     def close(self) -> None:
         try:

@@ -117,22 +117,23 @@ def iter_opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
         if entry is None:
             raise ValueError(f"unknown opcode {data[pos]:#04x} at byte {pos}")
         name, kind, layout, arg_name = entry
+        at = pos
         pos += 1
         if kind == _NO_ARG:
             arg = None
         elif kind == _FIXED:
             if pos + layout.size > end:
-                raise ValueError(f"{name} at byte {pos - 1} is cut short")
+                raise ValueError(f"{name} at byte {at} is cut short")
             arg = layout.unpack_from(data, pos)[0]
             pos += layout.size
         elif kind == _COUNTED:
             if pos + layout.size > end:
-                raise ValueError(f"{name} at byte {pos - 1} is cut short")
+                raise ValueError(f"{name} at byte {at} is cut short")
             count = layout.unpack_from(data, pos)[0]
             pos += layout.size
             if count < 0 or count > end - pos:
                 raise ValueError(
-                    f"expected {count} bytes in a {arg_name} at byte {pos - 1 - layout.size}, but only {end - pos} remain"
+                    f"expected {count} bytes in a {arg_name} at byte {at}, but only {end - pos} remain"
                 )
             payload = view[pos : pos + count]
             pos += count
@@ -147,7 +148,7 @@ def iter_opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
             for _ in range(2 if kind == _TWO_LINES else 1):
                 newline = data.find(b"\n", pos)
                 if newline < 0:
-                    raise ValueError(f"{name} at byte {pos - 1} has no end of line")
+                    raise ValueError(f"{name} at byte {at} has no end of line")
                 lines.append(view[pos:newline])
                 pos = newline + 1
             if kind == _TWO_LINES:
@@ -228,14 +229,19 @@ class _Machine:
         return min(sum(parts), self.budget + 1)  # saturating: 2**(10**6) is as refused as budget + 1
 
     def immutable(self, children: list[Any]) -> _Node:
-        nodes = tuple(self.node(child) for child in children)
-        depth = 1 + max((child.depth for child in nodes), default=0)
+        nodes = tuple(children)
+        depth, weight = 0, 1
+        for child in nodes:  # every stack value is a _Node (pop and pop_mark only ever return those)
+            if child.depth > depth:
+                depth = child.depth
+            weight += child.weight
+        depth += 1
         if depth > MAX_DEPTH:
             raise UnsafeBundleError(
                 f"{self.member} nests tuples more than {MAX_DEPTH} levels deep (hashing them would overflow the "
                 "interpreter's stack); refused before unpickling"
             )
-        return _Node(self.weigh(1, *(child.weight for child in nodes)), depth, False, nodes)
+        return _Node(min(weight, self.budget + 1), depth, False, nodes)
 
     def hashed(self, *values: Any) -> None:
         """Dict keys / set elements: each is hashed (and compared on collisions) at its full expanded size."""
@@ -269,9 +275,17 @@ class _Machine:
         handler(self, name, arg)
 
     def _atom(self, name: str, arg: Any) -> None:
-        # short strings keep their text: STACK_GLOBAL names its global with the two strings before it
-        text = arg if isinstance(arg, str) and len(arg) <= 200 else ""
-        self.stack.append(_Node(self.weigh(payload_weight(arg) if arg is not None else 1), name=text))
+        kind = type(arg)
+        if kind is str:
+            # short strings keep their text: STACK_GLOBAL names its global with the two strings before it
+            node = _Node(min(1 + len(arg) // 8, self.budget + 1), name=arg if len(arg) <= 200 else "")
+        elif kind is int:
+            node = _Node(min(1 + arg.bit_length() // 64, self.budget + 1))
+        elif arg is None or kind is float:
+            node = _Node(1)
+        else:  # payloads (memoryview slices) and anything else
+            node = _Node(self.weigh(payload_weight(arg)))
+        self.stack.append(node)
 
     def _empty_container(self, name: str, arg: Any) -> None:
         self.stack.append(_Node(1, 1, True))
@@ -457,12 +471,16 @@ def scan_pickle_structure(
             (``GLOBAL``'s argument is ``"module name"``) in the same walk; it raises to refuse the pickle.
     """
     machine = _Machine(member, node_budget(len(data)))
-    step = machine.step
+    steps = _STEPS
     try:
         for name, arg in iter_opcodes(data):
             if screen is not None and name in REFERENCING_OPCODES:
                 screen(name, arg)
-            step(name, arg)
+            handler = steps.get(name)
+            if handler is not None:
+                handler(machine, name, arg)
+            else:
+                machine.step(name, arg)  # PROTO, FRAME, STOP, or an unknown opcode
     except (UnsafeBundleError, CorruptBundleError):
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed stream (ValueError from the walk, or worse)

@@ -44,6 +44,7 @@ from typing import Any, BinaryIO, Union
 __all__ = [
     "ArtifactKind",
     "directory_extent",
+    "directory_belongs_inside",
     "ArtifactInfo",
     "DetectLimits",
     "DEFAULT_DETECT_LIMITS",
@@ -201,9 +202,9 @@ def open_regular_file(path: PathLike) -> BinaryIO:
         raise
 
 
-def directory_extent(handle: BinaryIO) -> tuple[int, int] | None:
-    """``(entries, directory bytes)`` from the end-of-central-directory record (zip64 when present), found the way
-    ``zipfile`` finds it, reading at most the last 64 KiB; None when there is none (``zipfile`` then says why)."""
+def _end_record(handle: BinaryIO) -> tuple[int, int, int, int] | None:
+    """``(entries, directory bytes, directory offset, end record position)`` (zip64 when present), found the way
+    ``zipfile`` finds it, reading at most the last 64 KiB; None when there is none."""
     handle.seek(0, os.SEEK_END)
     file_size = handle.tell()
     tail_start = max(file_size - (1 << 16) - _EOCD_RECORD.size, 0)
@@ -216,8 +217,9 @@ def directory_extent(handle: BinaryIO) -> tuple[int, int] | None:
         if start < 0 or len(tail) - start < _EOCD_RECORD.size:
             return None
     fields = _EOCD_RECORD.unpack_from(tail, start)
-    entries, directory_bytes = fields[4], fields[5]
-    locator_at = tail_start + start - _EOCD64_LOCATOR_RECORD.size
+    entries, directory_bytes, directory_offset = fields[4], fields[5], fields[6]
+    position = tail_start + start
+    locator_at = position - _EOCD64_LOCATOR_RECORD.size
     if locator_at - _EOCD64_RECORD.size >= 0:
         handle.seek(locator_at)
         locator = handle.read(_EOCD64_LOCATOR_RECORD.size)
@@ -226,8 +228,33 @@ def directory_extent(handle: BinaryIO) -> tuple[int, int] | None:
             record = handle.read(_EOCD64_RECORD.size)
             if len(record) == _EOCD64_RECORD.size and record[:4] == b"PK\x06\x06":
                 zip64 = _EOCD64_RECORD.unpack(record)
-                entries, directory_bytes = zip64[7], zip64[8]
-    return entries, directory_bytes
+                entries, directory_bytes, directory_offset = zip64[7], zip64[8], zip64[9]
+                position = locator_at - _EOCD64_RECORD.size
+    return entries, directory_bytes, directory_offset, position
+
+
+def directory_extent(handle: BinaryIO) -> tuple[int, int] | None:
+    """``(entries, directory bytes)`` from the end-of-central-directory record (zip64 when present), found the way
+    ``zipfile`` finds it, reading at most the last 64 KiB; None when there is none (``zipfile`` then says why)."""
+    record = _end_record(handle)
+    return None if record is None else (record[0], record[1])
+
+
+def directory_belongs_inside(handle: BinaryIO) -> bool:
+    """Whether the zip directory at the end of a file that starts with a local file header begins past offset 0:
+    the directory of a zip stored *inside* one of the file's members (a torch file stored in a bundle), which is all
+    a reader finds once the file is cut short after that member. ``zipfile`` reads such a file as that inner zip
+    with the bytes before it skipped (its "concatenated" case). Self-extracting archives, whose stub precedes the
+    first local header, are not affected.
+    """
+    handle.seek(0)
+    starts_with_header = handle.read(4) == _ZIP_MAGIC
+    record = _end_record(handle)
+    handle.seek(0)
+    if not starts_with_header or record is None:
+        return False
+    _, directory_bytes, directory_offset, position = record
+    return position - directory_bytes - directory_offset > 0
 
 
 def open_bounded_zip(handle: BinaryIO, limits: DetectLimits = DEFAULT_DETECT_LIMITS) -> zipfile.ZipFile | None:
@@ -560,6 +587,11 @@ def identify_artifact(path: PathLike, *, limits: DetectLimits = DEFAULT_DETECT_L
             except ZipDirectoryTooLarge as exc:
                 return _info(ArtifactKind.UNKNOWN, p, f"a zip archive too large to inspect ({exc})",
                              "check that this is the file you meant")
+            if archive is not None and directory_belongs_inside(handle):
+                archive.close()
+                return _info(ArtifactKind.UNKNOWN, p,
+                             "a truncated or damaged zip archive (the directory at its end belongs to a zip stored "
+                             "inside one of its members)", "re-copy or re-download it")
             if archive is not None:
                 with archive:
                     try:

@@ -232,27 +232,31 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
 
 
 class _MemberDigest:
-    """The integrity check of one large member, computed on a worker thread while the caller decodes it.
+    """The integrity checks of one large stored member, computed on a worker thread while the caller decodes it.
 
-    ``hashlib`` and ``zlib`` release the GIL on large buffers, so with a spare core the sha256 of ``model.pth`` (or
-    its CRC-32, for bundles whose manifest records no hashes) costs no wall time; :meth:`check` waits for it. The
-    check guards against damage, not tampering (whoever can edit the member can edit the manifest), so decoding the
-    bytes before the digest is known loses nothing: the decoders are bounded on their own.
+    A stored member is read straight from the file (:meth:`ArchiveReader.read` with ``verify_crc=False``), so its
+    CRC-32 is checked here, as ``zipfile`` would, together with the sha256 the manifest records (when it does).
+    ``hashlib`` and ``zlib`` release the GIL on large buffers, so with a spare core both cost no wall time;
+    :meth:`check` waits for them. They guard against damage, not tampering (whoever can edit the member can edit the
+    manifest and the directory), so decoding the bytes before the digests are known loses nothing: the decoders are
+    bounded on their own.
     """
 
     def __init__(self, reader: ArchiveReader, manifest: Mapping[str, Any], name: str, data: bytes) -> None:
         self.name = name
+        self.reader = reader
         self.expected_sha256: str | None = (manifest.get("sha256") or {}).get(name)
-        self.expected_crc = reader.crc(name) if self.expected_sha256 is None and reader.stored(name) else None
+        self.expected_crc = reader.crc(name) if reader.stored(name) else None  # deflated: zipfile checked it
         self._data: bytes | None = data
-        self._actual: str | int | None = None
+        self._sha256: str | None = None
+        self._crc: int | None = None
         self._thread: threading.Thread | None = None
         if self.expected_sha256 is None and self.expected_crc is None:
-            return  # a deflated member without a recorded hash: zipfile checked its CRC while inflating it
+            return
         try:
             self._thread = threading.Thread(target=self._compute, name="ptycho-bundle-digest", daemon=True)
             self._thread.start()
-        except RuntimeError:  # no thread available: compute it in check()
+        except RuntimeError:  # no thread available: computed in wait()
             self._thread = None
 
     def _compute(self) -> None:
@@ -260,28 +264,30 @@ class _MemberDigest:
         if data is None:
             return
         if self.expected_sha256 is not None:
-            self._actual = hashlib.sha256(data).hexdigest()
-        else:
-            self._actual = zlib.crc32(data)
+            self._sha256 = hashlib.sha256(data).hexdigest()
+        if self.expected_crc is not None:
+            self._crc = zlib.crc32(data)
 
-    def check(self, verified: list[str]) -> None:
-        """Wait for the digest and raise :class:`CorruptBundleError` if it does not match."""
+    def wait(self) -> None:
+        """Wait for the digests (computing them here when no thread could be started)."""
         if self._thread is not None:
             self._thread.join()
         else:
             self._compute()
+
+    def check(self, verified: list[str]) -> None:
+        """Wait for the digests and raise :class:`CorruptBundleError` if one does not match."""
+        self.wait()
         if self.expected_sha256 is not None:
-            if self._actual != self.expected_sha256.lower():
+            if self._sha256 != self.expected_sha256.lower():
                 raise CorruptBundleError(
                     f"member {short_repr(self.name)} does not match the sha256 recorded in manifest.dill (expected "
-                    f"{self.expected_sha256[:16]}..., got {str(self._actual)[:16]}...): the bundle was modified or "
+                    f"{self.expected_sha256[:16]}..., got {str(self._sha256)[:16]}...): the bundle was modified or "
                     "damaged after it was written"
                 )
             verified.append(self.name)
-        elif self.expected_crc is not None and self._actual != self.expected_crc:
-            raise CorruptBundleError(
-                f"member {short_repr(self.name)} is damaged: its CRC-32 does not match the zip directory's"
-            )
+        if self.expected_crc is not None and self._crc != self.expected_crc:
+            raise self.reader.crc_error(self.name)
 
 
 def read_bundle(
@@ -327,6 +333,9 @@ def read_bundle(
                 )
             raw = reader.read(member)
             _verify_hash(manifest, member, raw, verified)
+            if snapshots and raw == snapshots[0][1]:
+                snapshots.append((member, raw, snapshots[0][2]))  # the same bytes decode to the same snapshot
+                continue
             snapshot = safe_loads(raw, member=member, allow_unsafe=allow_unsafe)
             with config_errors(member):
                 params_module.validate_params_snapshot(snapshot, source=member)

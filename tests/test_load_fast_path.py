@@ -1,0 +1,298 @@
+"""The load path of performance round 2 (docs/bundle-format.md §1.3, §5): stored torch members read straight from
+the file with their sha256/CRC on a worker thread, truncated archives, the table-driven pickle walk, the C unpickler
+restricted to the state_dict allow-list, and networks adopted from weightless blueprints.
+
+Every test here can fail: each compares against an independent oracle (pickletools, plain zipfile + torch.load,
+a network built the slow way) or asserts a refusal.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import pickletools
+import threading
+import zipfile
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bundle_crafting import MANIFEST, METADATA, PARAMS, WEIGHTS, base, members, torch_bytes  # noqa: F401
+from mlflow_ptycho_flavor import load_torch_bundle, save_torch_bundle
+from mlflow_ptycho_flavor.bundle.budget import iter_opcodes, scan_pickle_structure
+from mlflow_ptycho_flavor.bundle.identify import ArtifactKind, identify_artifact
+from mlflow_ptycho_flavor.bundle.io import read_bundle
+from mlflow_ptycho_flavor.bundle.unpickle import _allow_list_pickle_module, torch_load
+from mlflow_ptycho_flavor.errors import BundleError, CorruptBundleError, UnsafeBundleError
+from mlflow_ptycho_flavor.network import (
+    NetworkConfig,
+    PtychoPINNNetwork,
+    network_from_state_dict,
+    weightless_construction,
+)
+from mlflow_ptycho_flavor.network.fno_config import FnoNetworkConfig
+
+
+def _rezip(members: dict, path, *, method: int | None = None, drop=()) -> None:
+    """Write ``members`` with one compression method for all (None: ours, as save_torch_bundle chose)."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            if name in drop:
+                continue
+            chosen = method
+            if chosen is None:
+                chosen = zipfile.ZIP_STORED if data.startswith(b"PK\x03\x04") else zipfile.ZIP_DEFLATED
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, compress_type=chosen)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# layout: what upstream's loader contract needs
+# ------------------------------------------------------------------------------------------------------------
+def test_upstream_contract_reads_our_stored_members(base, members):
+    """What upstream's loader does - zipfile, then torch.load(weights_only=True) / pickle per member - reads our
+    bundle; the weights equal what our reader adopts."""
+    with zipfile.ZipFile(base) as archive:
+        methods = {info.filename: info.compress_type for info in archive.infolist()}
+        plain = torch.load(io.BytesIO(archive.read(WEIGHTS)), weights_only=True)
+        manifest = pickle.loads(archive.read(MANIFEST))
+        pickle.loads(archive.read(PARAMS))
+        torch.load(io.BytesIO(archive.read(METADATA)), weights_only=True)
+    assert methods[WEIGHTS] == zipfile.ZIP_STORED and methods[METADATA] == zipfile.ZIP_STORED
+    assert methods[MANIFEST] == zipfile.ZIP_DEFLATED and methods[PARAMS] == zipfile.ZIP_DEFLATED
+    assert manifest["version"] == "2.0-pytorch"
+    ours = read_bundle(base).state_dict
+    assert list(ours) == list(plain)
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, None])
+def test_every_compression_layout_loads_the_same_network(base, members, tmp_path, method):
+    reference, _ = load_torch_bundle(base, device="cpu")
+    path = tmp_path / "wts.h5.zip"
+    _rezip(members, path, method=method)
+    network, _ = load_torch_bundle(path, device="cpu")
+    x = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(network(x, None), reference(x, None))
+    assert WEIGHTS in read_bundle(path).hashes_verified  # the sha256 was checked whichever way it was read
+
+
+# ------------------------------------------------------------------------------------------------------------
+# truncation and integrity of stored members
+# ------------------------------------------------------------------------------------------------------------
+def test_truncated_anywhere_after_the_weights_is_refused_as_truncated(base, tmp_path):
+    """Cut after the stored model.pth, a file ends in the torch file's own directory: zipfile would read the file
+    as that inner zip. The reader and the identifier both call it truncated, never a state_dict."""
+    data = base.read_bytes()
+    with zipfile.ZipFile(base) as archive:
+        info = archive.getinfo(WEIGHTS)
+    name_length, extra_length = int.from_bytes(data[info.header_offset + 26: info.header_offset + 28], "little"), \
+        int.from_bytes(data[info.header_offset + 28: info.header_offset + 30], "little")
+    weights_end = info.header_offset + 30 + name_length + extra_length + info.compress_size
+    assert data[weights_end - 22: weights_end - 18] == b"PK\x05\x06"  # the torch file's end record
+    # (cut inside the archive's own 22-byte end record, no end record is found at all: "probably truncated")
+    cuts = sorted({weights_end, weights_end + 1, weights_end + 50, (weights_end + len(data)) // 2, len(data) - 23})
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}" / "wts.h5.zip"
+        path.parent.mkdir()
+        path.write_bytes(data[:cut])
+        with pytest.raises(CorruptBundleError, match=r"is cut short or damaged: the zip directory at its end belongs"):
+            load_torch_bundle(path, device="cpu")
+        found = identify_artifact(path)
+        assert found.kind is ArtifactKind.UNKNOWN and "truncated" in found.description
+
+
+def test_truncated_inside_the_weights_is_refused(base, tmp_path):
+    data = base.read_bytes()
+    with zipfile.ZipFile(base) as archive:
+        info = archive.getinfo(WEIGHTS)
+    for fraction in (0.01, 0.5, 0.99):
+        cut = info.header_offset + int(info.compress_size * fraction)
+        path = tmp_path / f"cut{fraction}" / "wts.h5.zip"
+        path.parent.mkdir()
+        path.write_bytes(data[:cut])
+        with pytest.raises(BundleError):
+            load_torch_bundle(path, device="cpu")
+
+
+def test_stored_weights_without_recorded_hashes_still_get_their_crc_checked(base, members, tmp_path, rewrite_bundle):
+    """Upstream's manifests record no sha256: the worker thread then checks the stored member's CRC-32."""
+    path = tmp_path / "nohash" / "wts.h5.zip"
+    path.parent.mkdir()
+    rewrite_bundle(base, path, hashes="drop")
+    assert read_bundle(path).hashes_verified == []
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(WEIGHTS)
+    assert info.compress_type == zipfile.ZIP_STORED
+    data[info.header_offset + 30 + len(info.filename) + info.file_size // 2] ^= 0x01  # a weight's bits
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptBundleError, match=r"is damaged: Bad CRC-32 for file 'diffraction_to_obj/model\.pth'"):
+        load_torch_bundle(path, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the pickle walk
+# ------------------------------------------------------------------------------------------------------------
+def _genops(data: bytes) -> list[tuple[str, object]]:
+    return [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+
+
+def _comparable(name: str, arg):
+    if isinstance(arg, memoryview):
+        return bytes(arg)
+    if name in ("GLOBAL", "INST"):
+        return str(arg)
+    return arg
+
+
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
+    | st.binary(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.tuples(children, children)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_plain, protocol=st.integers(0, pickle.HIGHEST_PROTOCOL))
+def test_iter_opcodes_walks_what_pickletools_walks(value, protocol):
+    data = pickle.dumps(value, protocol=protocol)
+    ours = [(name, _comparable(name, arg)) for name, arg in iter_opcodes(data)]
+    theirs = [(name, arg) for name, arg in _genops(data)]
+    assert [n for n, _ in ours] == [n for n, _ in theirs]
+    for (name, mine), (_, reference) in zip(ours, theirs):
+        if name in ("BINGET", "LONG_BINGET", "BINPUT", "LONG_BINPUT", "GET", "PUT", "BININT", "BININT1",
+                    "BININT2", "LONG1", "LONG4", "PROTO", "FRAME", "BINUNICODE", "SHORT_BINUNICODE",
+                    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BINFLOAT"):
+            assert mine == reference, name
+
+
+def test_iter_opcodes_on_real_members(members):
+    """manifest, params and the torch data.pkl: same opcodes and memo indices as pickletools."""
+    pickled = torch._C.PyTorchFileReader(io.BytesIO(members[WEIGHTS])).get_record("data.pkl")
+    for data in (members[MANIFEST], members[PARAMS], pickled):
+        ours = [(n, _comparable(n, a)) for n, a in iter_opcodes(data)]
+        theirs = _genops(data)
+        assert [n for n, _ in ours] == [n for n, _ in theirs]
+        assert [a for n, a in ours if n.endswith(("GET", "PUT"))] == [a for n, a in theirs if n.endswith(("GET", "PUT"))]
+        assert [a for n, a in ours if n == "GLOBAL"] == [a for n, a in theirs if n == "GLOBAL"]
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", r"pickle exhausted before seeing STOP"),
+        (b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b".", r"expected 1099511627776 bytes in a bytes8"),
+        (b"\x80\x02\xff.", r"unknown opcode 0xff at byte 2"),
+        (b"\x80\x02J\x01\x00", r"BININT at byte 2 is cut short"),
+        (b"cos\nsystem", r"GLOBAL at byte 0 has no end of line"),
+        (b"\x80\x02X\xff\xff\xff\x7f", r"expected 2147483647 bytes in a unicodestring4 at byte 2"),
+    ],
+)
+def test_iter_opcodes_refuses_malformed_streams_without_allocating(data, match):
+    with pytest.raises(CorruptBundleError, match=match):
+        scan_pickle_structure(data, "x")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch members: the allow-list C unpickler
+# ------------------------------------------------------------------------------------------------------------
+class _System:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_allow_list_unpickler_refuses_globals_even_without_the_scan():
+    """Defence in depth: the C unpickler handed to torch.load resolves the allow-list itself."""
+    raw = torch_bytes(OrderedDict(w=torch.ones(2), evil=_System()))
+    with pytest.raises(UnsafeBundleError, match=r"posix\.system|os\.system"):
+        torch.load(io.BytesIO(raw), weights_only=False, pickle_module=_allow_list_pickle_module("m"))
+    loaded = torch.load(io.BytesIO(torch_bytes(OrderedDict(w=torch.ones(2)))), weights_only=False,
+                        pickle_module=_allow_list_pickle_module("m"))
+    assert torch.equal(loaded["w"], torch.ones(2))
+
+
+def test_torchscript_member_is_refused_before_torch_load_hands_it_to_jit():
+    module = torch.jit.script(torch.nn.Linear(2, 2))
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    with pytest.raises(UnsafeBundleError, match=r"m is a TorchScript archive .* which carries code"):
+        torch_load(buffer.getvalue(), "m", max_inflated_bytes=10**7)
+
+
+def test_forced_weights_only_environment_still_loads(base, monkeypatch):
+    """TORCH_FORCE_WEIGHTS_ONLY_LOAD makes torch.load refuse a pickle_module; the scanned member then goes through
+    torch's own restricted unpickler and loads the same weights."""
+    reference = read_bundle(base).state_dict
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    forced = read_bundle(base).state_dict
+    assert all(torch.equal(reference[k], forced[k]) for k in reference)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# weightless construction and blueprints
+# ------------------------------------------------------------------------------------------------------------
+def test_weightless_construction_is_meta_and_thread_local():
+    config = NetworkConfig(N=64)
+    seen = {}
+
+    def build_elsewhere():
+        seen["other"] = PtychoPINNNetwork(config)
+
+    with weightless_construction():
+        meta = PtychoPINNNetwork(config)
+        other = threading.Thread(target=build_elsewhere)
+        other.start()
+        other.join()
+    assert all(p.is_meta for p in meta.parameters())
+    real = seen["other"]  # another thread, built meanwhile: real, randomly initialised weights
+    assert not any(p.is_meta for p in real.parameters())
+    weight = next(p for p in real.parameters() if p.dim() == 4)  # a convolution kernel
+    assert float(weight.abs().sum()) > 0 and torch.isfinite(weight).all()
+
+
+@pytest.mark.parametrize("config", [NetworkConfig(N=64), FnoNetworkConfig(architecture="ffno", N=64)],
+                         ids=["cnn", "ffno"])
+def test_adopted_networks_are_independent_and_match_a_slow_build(config):
+    from mlflow_ptycho_flavor.network import build_network
+
+    torch.manual_seed(0)
+    slow = build_network(config).eval()
+    state = {k: v.clone() for k, v in slow.state_dict().items()}
+    first = network_from_state_dict(config, {k: v.clone() for k, v in state.items()}).eval()
+    second = network_from_state_dict(config, {k: v.clone() for k, v in state.items()}).eval()
+    x = torch.rand(2, config.channels, 64, 64)
+    with torch.inference_mode():
+        expected = slow(x, None)
+        assert torch.equal(first(x, None), expected) and torch.equal(second(x, None), expected)
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)
+    assert not torch.equal(next(first.parameters()), next(second.parameters()))
+    assert [n for n, _ in first.named_modules()] == [n for n, _ in slow.named_modules()]
+    assert {k: b.shape for k, b in first.named_buffers()} == {k: b.shape for k, b in slow.named_buffers()}
+    assert not any(b.is_meta for b in first.buffers())
+
+
+def test_check_finite_after_fast_load(base, members, tmp_path):
+    """NaN weights are still refused on the fast path (the C unpickler, stored member)."""
+    state = torch.load(io.BytesIO(members[WEIGHTS]), weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 4)
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = float("nan")
+    patched = dict(members)
+    patched[WEIGHTS] = torch_bytes(state)
+    manifest = pickle.loads(members[MANIFEST])
+    manifest.pop("sha256", None)
+    patched[MANIFEST] = pickle.dumps(manifest)
+    path = tmp_path / "wts.h5.zip"
+    _rezip(patched, path)
+    with pytest.raises(BundleError, match=r"NaN or infinite"):
+        load_torch_bundle(path, device="cpu")
+    assert np.isnan(state[key].numpy()).sum() == 1
