@@ -92,8 +92,13 @@ def pyfuncs(model_dirs) -> dict[int, mlflow.pyfunc.PyFuncModel]:
 
 @pytest.fixture(scope="module")
 def standalone(model_dirs) -> dict[int, PtychoPINNNetwork]:
-    """The networks as ``load_torch_bundle`` rebuilds them from each saved model's ``wts.h5.zip``."""
-    return {g: load_torch_bundle(d / "wts.h5.zip", device="cpu")[0] for g, d in model_dirs.items()}
+    """The networks as ``load_torch_bundle`` rebuilds them from each saved model's ``wts.h5.zip``, in the memory
+    layout the models predict with on the CPU by default (NHWC; contiguous is compared in
+    test_channels_last_is_the_cpu_default_and_matches_the_contiguous_layout)."""
+    return {
+        g: load_torch_bundle(d / "wts.h5.zip", device="cpu")[0].to(memory_format=torch.channels_last)
+        for g, d in model_dirs.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +223,7 @@ def test_bundle_downloaded_from_logged_model_loads_standalone_and_equals_the_log
     assert list(network.state_dict()) == list(original)
     for key, tensor in network.state_dict().items():
         assert torch.equal(tensor, original[key]), key
+    network = network.to(memory_format=torch.channels_last)  # the layout `expected` was computed in
     np.testing.assert_array_equal(_network_output(network, inputs[1][0]), expected[1]["plain"])
 
 
@@ -372,7 +378,7 @@ def test_mlmodel_records_flavor_pyfunc_and_signature_field_by_field(gridsize, mo
     pyfunc_conf = mlmodel.flavors["python_function"]
     assert pyfunc_conf["loader_module"] == "mlflow_ptycho_flavor"
     assert pyfunc_conf["data"] == "wts.h5.zip"
-    assert pyfunc_conf["config"] == {"device": None, "channels_last": False}
+    assert pyfunc_conf["config"] == {"device": None, "channels_last": None}
     assert pyfunc_conf["env"] == {"conda": "conda.yaml", "virtualenv": "python_env.yaml"}
     assert (model_dir / pyfunc_conf["data"]).is_file()
 
@@ -396,7 +402,7 @@ def test_mlmodel_records_flavor_pyfunc_and_signature_field_by_field(gridsize, mo
 
 def test_save_model_declares_extra_model_config_keys(networks, tmp_path):
     mlflow.ptycho_torch.save_model(networks[1], tmp_path / "m", model_config={"device": "cpu"})
-    assert Model.load(str(tmp_path / "m")).flavors["python_function"]["config"] == {"device": "cpu", "channels_last": False}
+    assert Model.load(str(tmp_path / "m")).flavors["python_function"]["config"] == {"device": "cpu", "channels_last": None}
 
 
 def test_requirements_pin_public_versions_without_local_tags(model_dirs):
@@ -667,14 +673,21 @@ def test_tracking_and_artifacts_stay_under_tmp_path(networks, mlflow_store, tmp_
 
 
 @pytest.mark.parametrize("gridsize", [1, 2])
-def test_channels_last_fast_path_matches_the_default_layout(model_dirs, pyfuncs, gridsize):
-    """Opt-in NHWC convolutions (model_config / load_model flag): same results to float rounding."""
-    fast = mlflow.pyfunc.load_model(str(model_dirs[gridsize]), model_config={"device": "cpu", "channels_last": True})
-    network = fast.get_raw_model()
+def test_channels_last_is_the_cpu_default_and_matches_the_contiguous_layout(model_dirs, pyfuncs, gridsize):
+    """On the CPU the default (channels_last=None) is NHWC, the faster layout; model_config / load_model can turn it
+    off. Both agree to float rounding, and the pyfunc and native defaults agree bit for bit."""
+    default = pyfuncs[gridsize]
+    network = default.get_raw_model()
     assert network.model.autoencoder.encoder.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = mlflow.pyfunc.load_model(str(model_dirs[gridsize]), model_config={"device": "cpu", "channels_last": False})
+    assert plain.get_raw_model().model.autoencoder.encoder.blocks[0].conv1.weight.is_contiguous()
     x = np.random.default_rng(gridsize).uniform(0, 2, (5, gridsize**2, 64, 64)).astype(np.float32)
-    reference = pyfuncs[gridsize].predict(x)
-    got = fast.predict(x)
+    reference = plain.predict(x)
+    contiguous, _ = load_torch_bundle(model_dirs[gridsize] / "wts.h5.zip", device="cpu")
+    np.testing.assert_array_equal(reference, _network_output(contiguous, x))  # off: the eager network exactly
+    got = default.predict(x)
     np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * max(1.0, float(np.abs(reference).max())))
-    native = mlflow.ptycho_torch.load_model(str(model_dirs[gridsize]), device="cpu", channels_last=True)
+    native = mlflow.ptycho_torch.load_model(str(model_dirs[gridsize]), device="cpu")
     np.testing.assert_array_equal(native.predict(x), got)
+    with pytest.raises(MlflowException, match=r"model_config\['channels_last'\] must be true, false or null"):
+        mlflow.pyfunc.load_model(str(model_dirs[gridsize]), model_config={"channels_last": "yes"})

@@ -41,7 +41,7 @@ from mlflow_ptycho_flavor.bundle import (
 )
 from mlflow_ptycho_flavor.bundle.identify import ArtifactInfo, ArtifactKind, identify_artifact
 from mlflow_ptycho_flavor.convert import CONVERTIBLE_KINDS, ConversionResult, convert_any, unconvertible
-from mlflow_ptycho_flavor.errors import BundleError, NotABundleError, PtychoFlavorError
+from mlflow_ptycho_flavor.errors import BundleError, NotABundleError, PtychoFlavorError, short_repr
 from mlflow_ptycho_flavor.flavor import env as _mlflow_env
 from mlflow_ptycho_flavor.flavor.env import invalid_parameter
 from mlflow_ptycho_flavor.flavor.pyfunc_model import PYFUNC_MAX_CANVAS_PIXELS, PtychoTorchPyfuncModel, param_schema
@@ -291,7 +291,7 @@ def save_model(
             code=code_dir,
             conda_env=_mlflow_env.CONDA_ENV_FILE_NAME,
             python_env=_mlflow_env.PYTHON_ENV_FILE_NAME,
-            model_config={"device": None, "channels_last": False, **(model_config or {})},
+            model_config={"device": None, "channels_last": None, **(model_config or {})},
         )
         mlflow_model.save(str(staging / MLMODEL_FILE_NAME))
         _mlflow_env.write_environment_files(
@@ -359,7 +359,9 @@ def log_model(
     )
 
 
-def _load_native(bundle_path: str | os.PathLike, device: Any, *, channels_last: bool = False) -> PtychoTorchModel:
+def _load_native(
+    bundle_path: str | os.PathLike, device: Any, *, channels_last: bool | None = None
+) -> PtychoTorchModel:
     """:meth:`PtychoTorchModel.from_bundle`, with the package's errors turned into ``MlflowException``."""
     try:
         return PtychoTorchModel.from_bundle(bundle_path, device, channels_last=channels_last)
@@ -371,7 +373,7 @@ def _load_native(bundle_path: str | os.PathLike, device: Any, *, channels_last: 
 
 
 def load_model(
-    model_uri: str, dst_path: str | None = None, *, device: Any = None, channels_last: bool = False
+    model_uri: str, dst_path: str | None = None, *, device: Any = None, channels_last: bool | None = None
 ) -> PtychoTorchModel:
     """Load a ``ptycho_torch`` model as a native :class:`~mlflow_ptycho_flavor.inference.PtychoTorchModel`.
 
@@ -380,8 +382,8 @@ def load_model(
             ``models:/name@alias``, ``models:/m-<id>``), or a bare ``wts.h5.zip`` path.
         dst_path: where to download remote artifacts (a temporary directory by default).
         device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
-        channels_last: opt-in fast path: NHWC memory format for the convolutions (outputs agree with the
-            default layout to float rounding, not bit for bit).
+        channels_last: NHWC memory format for the convolutions; ``None`` (default) turns it on on the CPU,
+            where it is faster (see :meth:`PtychoTorchModel.from_bundle`).
 
     Returns:
         The network on its device, with the params, manifest and metadata, and a ``predict`` method.
@@ -425,7 +427,12 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Ptych
         resolve_device(device)
     except ValueError as exc:
         raise invalid_parameter(f"{exc} (set via model_config['device'] or {_DEVICE_ENV})") from exc
-    channels_last = bool((model_config or {}).get("channels_last") or False)
+    channels_last = (model_config or {}).get("channels_last")
+    if channels_last is not None and not isinstance(channels_last, bool):
+        raise invalid_parameter(
+            f"model_config['channels_last'] must be true, false or null (the default: on for the CPU), got "
+            f"{short_repr(channels_last)}"
+        )
     max_canvas_pixels = (model_config or {}).get("max_canvas_pixels") or PYFUNC_MAX_CANVAS_PIXELS
     _mlflow_env.guard_scoring_server()  # a no-op outside the scoring server
     model = _load_native(path, device, channels_last=channels_last)
