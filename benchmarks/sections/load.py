@@ -26,14 +26,16 @@ TITLE = "2. Load: our loaders vs the floor and mlflow.pytorch"
 #: Each of our loads against the floor.
 FLOOR_TARGET = Target(high=1.2)
 #: Our loader -> its ``mlflow.pytorch`` counterparts (native vs native, pyfunc vs pyfunc) and the target on
-#: ours / counterpart.
+#: ours / counterpart (issue 17): within 1.5x of unsafe pickle natively and 2x through pyfunc, with every check of the
+#: hardened reader kept, and a tenth of the safe pt2 format.
+_PT2 = Target(high=0.1)
 COUNTERPARTS: dict[str, dict[str, Target]] = {
-    "load_torch_bundle": {"mlflow.pytorch.load_model (pt2)": Target(high=1.0, strict_high=True),
-                          "mlflow.pytorch.load_model (pickle)": Target(high=1.0, strict_high=True)},
-    "flavor.load_model": {"mlflow.pytorch.load_model (pt2)": Target(high=1.0, strict_high=True),
-                          "mlflow.pytorch.load_model (pickle)": Target(high=1.0, strict_high=True)},
-    "pyfunc.load_model (ours)": {"pyfunc.load_model (mlflow.pytorch pt2)": Target(high=1.0, strict_high=True),
-                                 "pyfunc.load_model (mlflow.pytorch pickle)": Target(high=1.0, strict_high=True)},
+    "load_torch_bundle": {"mlflow.pytorch.load_model (pt2)": _PT2,
+                          "mlflow.pytorch.load_model (pickle)": Target(high=1.5)},
+    "flavor.load_model": {"mlflow.pytorch.load_model (pt2)": _PT2,
+                          "mlflow.pytorch.load_model (pickle)": Target(high=1.5)},
+    "pyfunc.load_model (ours)": {"pyfunc.load_model (mlflow.pytorch pt2)": _PT2,
+                                 "pyfunc.load_model (mlflow.pytorch pickle)": Target(high=2.0)},
 }
 
 
@@ -182,6 +184,9 @@ def run(ctx: Context) -> SectionResult:
              "`forward(x)` returns `torch.view_as_real(network(x, None))`: `serialization_format=\"pt2\"` "
              "(torch.export, the default; loaded without the pickle opt-in, so MLflow's pickle-free check of the "
              "archive runs) and `\"pickle\"` (loaded with `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true`). Target: each "
-             "of our loads <= 1.2x the floor and faster than the matching mlflow.pytorch load (native vs "
-             "`mlflow.pytorch.load_model`, pyfunc vs pyfunc; each serialization format is a row of its own).")
+             "of our loads <= 1.2x the floor; natively (`load_torch_bundle`, `mlflow.ptycho_torch.load_model`) "
+             "<= 1.5x `mlflow.pytorch.load_model` of the pickle format and <= 0.1x of pt2; through pyfunc <= 2x "
+             "and <= 0.1x (native vs native, pyfunc vs pyfunc; each serialization format is a row of its own). Our "
+             "loads keep every check of the hardened reader (docs/bundle-format.md §5); the pickle format runs "
+             "whatever code the file holds.")
     return SectionResult(KEY, TITLE, intro, tables, checks)

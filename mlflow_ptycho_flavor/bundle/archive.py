@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "looks_like_bundle_path",
     "ArchiveReader",
+    "MemberView",
     "not_a_bundle_error",
     "check_nested_zip",
     "resolve_bundle_path",
@@ -201,7 +202,7 @@ def _extents(
     return result
 
 
-def check_nested_zip(data: bytes, member: str, *, max_inflated_bytes: int, max_entries: int) -> None:
+def check_nested_zip(data: bytes | MemberView, member: str, *, max_inflated_bytes: int, max_entries: int) -> None:
     """Check a zip held in a member (torch's format inside ``model.pth``) before another reader parses it.
 
     Refused: a central directory over ``max_entries`` entries; encrypted records; stored records whose declared
@@ -211,7 +212,7 @@ def check_nested_zip(data: bytes, member: str, *, max_inflated_bytes: int, max_e
     Raises:
         UnsafeBundleError: over a cap. CorruptBundleError: not a readable zip.
     """
-    handle = io.BytesIO(data)
+    handle: Any = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     problem, extent = _directory_problem(handle, member, max_entries, "a torch file has one per tensor plus six")
     if problem:
         raise UnsafeBundleError(problem)
@@ -273,6 +274,53 @@ def not_a_bundle_error(path: Path, problem: str, fallback: type[BundleError]) ->
     if info.kind is ArtifactKind.TORCH_BUNDLE:  # a damaged or tampered bundle: the problem says it all
         return fallback(problem)
     return fallback(f"{problem}. It is {info.what_and_fix()}")
+
+
+class MemberView(io.RawIOBase):
+    """Read-only, seekable bytes ``[start, start + size)`` of an open file, read with ``os.pread`` (no shared file
+    position: a worker thread can hash the same bytes meanwhile). Reading past the end returns nothing."""
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._size, self._position = fd, start, size, 0
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._position = base + offset
+        return self._position
+
+    def pread(self, count: int, offset: int) -> bytes:
+        """Up to ``count`` bytes at ``offset`` within the view."""
+        count = max(0, min(count, self._size - offset))
+        return os.pread(self._fd, count, self._start + offset) if count else b""
+
+    def read(self, count: int = -1) -> bytes:
+        data = self.pread(self._size - self._position if count is None or count < 0 else count, self._position)
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def startswith(self, prefix: bytes) -> bool:
+        return self.pread(len(prefix), 0) == prefix
 
 
 class ArchiveReader:
@@ -395,24 +443,7 @@ class ArchiveReader:
                 the bytes some other way (a sha256 from the manifest, or :meth:`crc` on a worker thread); deflated
                 members are always checked while they inflate.
         """
-        info = self._infos.get(name)
-        if info is None:
-            raise CorruptBundleError(
-                f"{self.path} lacks the member {short_repr(name)}; members present: {short_repr(sorted(self._infos))}"
-            )
-        limits = self.limits
-        problem = size_problem(name, info.file_size, self._occupied[name], limits, genuine_bytes=genuine_bytes)
-        if problem:
-            raise UnsafeBundleError(problem)
-        if self._total + info.file_size > limits.max_total_bytes:
-            raise UnsafeBundleError(
-                f"members read so far expand past the total cap of {limits.max_total_bytes} bytes "
-                "(BundleLimits.max_total_bytes)"
-            )
-        if info.flag_bits & 0x1:
-            raise UnsupportedBundleError(
-                f"member {short_repr(name)} of {self.path} is encrypted; bundles are never encrypted, so it is not read"
-            )
+        info = self._readable(name, genuine_bytes)
         if info.compress_type == zipfile.ZIP_STORED:
             data = self._read_stored(info, verify_crc)
             self._total += len(data)
@@ -448,8 +479,45 @@ class ArchiveReader:
         self._total += received
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _read_stored(self, info: zipfile.ZipInfo, verify_crc: bool) -> bytes:
-        """A stored member in one read from the file, after the checks ``zipfile`` makes (local header signature and
+    def _readable(self, name: str, genuine_bytes: int) -> zipfile.ZipInfo:
+        """The member's entry once it passes the caps (size, ratio, total) and is not encrypted."""
+        info = self._infos.get(name)
+        if info is None:
+            raise CorruptBundleError(
+                f"{self.path} lacks the member {short_repr(name)}; members present: {short_repr(sorted(self._infos))}"
+            )
+        limits = self.limits
+        problem = size_problem(name, info.file_size, self._occupied[name], limits, genuine_bytes=genuine_bytes)
+        if problem:
+            raise UnsafeBundleError(problem)
+        if self._total + info.file_size > limits.max_total_bytes:
+            raise UnsafeBundleError(
+                f"members read so far expand past the total cap of {limits.max_total_bytes} bytes "
+                "(BundleLimits.max_total_bytes)"
+            )
+        if info.flag_bits & 0x1:
+            raise UnsupportedBundleError(
+                f"member {short_repr(name)} of {self.path} is encrypted; bundles are never encrypted, so it is not read"
+            )
+        return info
+
+    def view(self, name: str, *, genuine_bytes: int = 0) -> "MemberView | None":
+        """A read-only file over a stored member's bytes in the archive file, or None where there is none to give
+        (a deflated member, an archive read from memory, a platform without ``os.pread``): then :meth:`read` it.
+
+        Consumers that copy what they read anyway (``torch.load``) read the member once, straight from the file,
+        instead of from a copy of it in memory: one copy of the weights instead of two. The checks :meth:`read`
+        makes apply (caps, local header); the CRC is the caller's (:meth:`crc`). Valid until :meth:`close`.
+        """
+        info = self._readable(name, genuine_bytes)
+        if info.compress_type != zipfile.ZIP_STORED or self._in_memory or not hasattr(os, "pread"):
+            return None
+        start = self._stored_data_start(info)
+        self._total += info.file_size
+        return MemberView(self._file.fileno(), start, info.file_size)
+
+    def _stored_data_start(self, info: zipfile.ZipInfo) -> int:
+        """Where a stored member's bytes start, after the checks ``zipfile`` makes (local header signature and
         name); its extent was checked against the next structure when the archive was opened."""
         name = info.filename
         if info.compress_size != info.file_size or self._occupied[name] != info.file_size:
@@ -469,7 +537,12 @@ class ArchiveReader:
                 f"member {short_repr(name)} of {self.path} is damaged: File name in directory {short_repr(name)} and "
                 f"header {short_repr(local_name)} differ"
             )
-        self._file.seek(fields[10], os.SEEK_CUR)
+        return info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+
+    def _read_stored(self, info: zipfile.ZipInfo, verify_crc: bool) -> bytes:
+        """A stored member in one read from the file (see :meth:`_stored_data_start`)."""
+        name = info.filename
+        self._file.seek(self._stored_data_start(info))
         data = self._file.read(info.file_size)
         if len(data) != info.file_size:
             raise CorruptBundleError(f"member {short_repr(name)} of {self.path} is cut short")

@@ -40,6 +40,7 @@ from mlflow_ptycho_flavor.bundle.archive import (
     DEFAULT_LIMITS,
     ArchiveReader,
     BundleLimits,
+    MemberView,
     resolve_bundle_path,
 )
 from mlflow_ptycho_flavor.bundle.budget import check_plain_data, node_budget, plain_differences
@@ -231,6 +232,9 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
     verified.append(name)
 
 
+_DIGEST_CHUNK = 1 << 20
+
+
 class _MemberDigest:
     """The integrity checks of one large stored member, computed on a worker thread while the caller decodes it.
 
@@ -242,12 +246,14 @@ class _MemberDigest:
     bounded on their own.
     """
 
-    def __init__(self, reader: ArchiveReader, manifest: Mapping[str, Any], name: str, data: bytes) -> None:
+    def __init__(
+        self, reader: ArchiveReader, manifest: Mapping[str, Any], name: str, data: bytes | MemberView
+    ) -> None:
         self.name = name
         self.reader = reader
         self.expected_sha256: str | None = (manifest.get("sha256") or {}).get(name)
         self.expected_crc = reader.crc(name) if reader.stored(name) else None  # deflated: zipfile checked it
-        self._data: bytes | None = data
+        self._data: bytes | MemberView | None = data
         self._sha256: str | None = None
         self._crc: int | None = None
         self._thread: threading.Thread | None = None
@@ -263,10 +269,19 @@ class _MemberDigest:
         data, self._data = self._data, None
         if data is None:
             return
-        if self.expected_sha256 is not None:
-            self._sha256 = hashlib.sha256(data).hexdigest()
-        if self.expected_crc is not None:
-            self._crc = zlib.crc32(data)
+        sha256 = hashlib.sha256() if self.expected_sha256 is not None else None
+        crc = 0
+        if isinstance(data, MemberView):  # read from the file in chunks beside the decoder (os.pread: no shared offset)
+            chunks: Any = (data.pread(_DIGEST_CHUNK, offset) for offset in range(0, data.size, _DIGEST_CHUNK))
+        else:
+            chunks = (data,)
+        for chunk in chunks:
+            if sha256 is not None:
+                sha256.update(chunk)
+            if self.expected_crc is not None:
+                crc = zlib.crc32(chunk, crc)
+        self._sha256 = sha256.hexdigest() if sha256 is not None else None
+        self._crc = crc
 
     def wait(self) -> None:
         """Wait for the digests (computing them here when no thread could be started)."""
@@ -375,18 +390,24 @@ def read_bundle(
         # never past the per-member cap.
         layout = network_layout(network_config)
         genuine = min(layout.genuine_file_bytes, limits.max_member_bytes)
-        raw = reader.read(weights_member, genuine_bytes=genuine, verify_crc=False)
-        digest = _MemberDigest(reader, manifest, weights_member, raw)
+        # A stored model.pth is read by torch straight from the file; a deflated one is inflated into memory first.
+        weights = reader.view(weights_member, genuine_bytes=genuine)
+        if weights is None:
+            weights = reader.read(weights_member, genuine_bytes=genuine, verify_crc=False)
+        weights_size = reader.size(weights_member)
+        digest = _MemberDigest(reader, manifest, weights_member, weights)
         try:
-            state_dict = torch_load(raw, weights_member, scan=scan, max_inflated_bytes=max(len(raw), genuine))
+            state_dict = torch_load(weights, weights_member, scan=scan, max_inflated_bytes=max(weights_size, genuine))
             check_state_dict_values(state_dict, weights_member)
             detect_era(state_dict, network_config)
-            check_fits(network_config, state_dict, len(raw), layout)
+            check_fits(network_config, state_dict, weights_size, layout)
             if not allow_nonfinite:
                 check_finite_weights(state_dict, weights_member)
         except BundleError:
             digest.check(verified)  # damage explains a decoding failure better than the decoder does
             raise
+        finally:
+            digest.wait()  # the worker reads the file: done before the reader closes it
         digest.check(verified)
         hashes = manifest.get("sha256") or {}
         for name in reader.names:

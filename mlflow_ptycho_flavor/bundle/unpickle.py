@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from mlflow_ptycho_flavor.bundle.archive import check_nested_zip
+from mlflow_ptycho_flavor.bundle.archive import MemberView, check_nested_zip
 from mlflow_ptycho_flavor.bundle.budget import MAX_DEPTH, check_plain_data, scan_pickle_structure
 from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_error, short_message, short_repr
 
@@ -466,11 +466,19 @@ def _torch_global_allowed(module: str, name: str) -> bool:
     return name.endswith("Storage") and name not in ("UntypedStorage", "TypedStorage") and isinstance(value, type)
 
 
-def _torch_pickle_record(data: bytes, member: str) -> bytes:
+def _torch_file(data: bytes | MemberView) -> Any:
+    """A fresh file object over a torch member given as bytes or as a :class:`~.archive.MemberView`."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(data)
+    data.seek(0)
+    return data
+
+
+def _torch_pickle_record(data: bytes | MemberView, member: str) -> bytes:
     """The ``data.pkl`` record of a torch zip file, read through torch's own zip reader (the bytes torch.load would
     unpickle); a TorchScript archive, which ``torch.load`` hands to ``torch.jit.load`` (code), is refused."""
     try:
-        reader = torch._C.PyTorchFileReader(io.BytesIO(data))
+        reader = torch._C.PyTorchFileReader(_torch_file(data))
         records = reader.get_all_records()
         scripted = [name for name in records if name == "constants.pkl" or name.startswith("code/")]
         if scripted:
@@ -580,8 +588,13 @@ def _torch_load_failure(exc: Exception, member: str) -> Exception:
     return CorruptBundleError(f"{member} is not a valid torch file: {type(exc).__name__}: {text}")
 
 
-def torch_load(data: bytes, member: str, *, scan: bool = True, max_inflated_bytes: int | None = None) -> Any:
+def torch_load(
+    data: bytes | MemberView, member: str, *, scan: bool = True, max_inflated_bytes: int | None = None
+) -> Any:
     """Decode a torch member (``model.pth``, ``torch_scaling_metadata.pt``) after checks that no opt-in skips.
+
+    ``data`` is the member's bytes, or a :class:`~.archive.MemberView` of a stored member (read straight from the
+    archive file: one copy of the weights in memory instead of two).
 
     Always: the bytes must be torch's zip format, with at most :data:`MAX_TORCH_RECORDS` records whose inflated
     sizes add up to at most ``max_inflated_bytes`` (default: the member's own size, i.e. no expansion).
@@ -601,8 +614,9 @@ def torch_load(data: bytes, member: str, *, scan: bool = True, max_inflated_byte
             f"{member} is not a valid torch file: not in torch's zip serialization format (what torch.save has "
             "written since torch 1.6); it is damaged, or a legacy file this loader does not read"
         )
+    size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.size
     check_nested_zip(
-        data, member, max_inflated_bytes=len(data) if max_inflated_bytes is None else max_inflated_bytes,
+        data, member, max_inflated_bytes=size if max_inflated_bytes is None else max_inflated_bytes,
         max_entries=MAX_TORCH_RECORDS,
     )
     if scan:
@@ -610,10 +624,10 @@ def torch_load(data: bytes, member: str, *, scan: bool = True, max_inflated_byte
     try:
         if scan and not _weights_only_forced():
             return torch.load(
-                io.BytesIO(data), map_location="cpu", weights_only=False,
+                _torch_file(data), map_location="cpu", weights_only=False,
                 pickle_module=_allow_list_pickle_module(member),
             )
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(_torch_file(data), map_location="cpu", weights_only=True)
     except UnsafeBundleError:
         raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ValueError, ...
