@@ -315,9 +315,13 @@ class MemberView(io.RawIOBase):
         return data
 
     def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), self._size - self._position))
+        if not count:
+            return 0
+        received = os.preadv(self._fd, [target[:count]], self._start + self._position)  # straight into the buffer
+        self._position += received
+        return received
 
     def startswith(self, prefix: bytes) -> bool:
         return self.pread(len(prefix), 0) == prefix
@@ -503,14 +507,14 @@ class ArchiveReader:
 
     def view(self, name: str, *, genuine_bytes: int = 0) -> "MemberView | None":
         """A read-only file over a stored member's bytes in the archive file, or None where there is none to give
-        (a deflated member, an archive read from memory, a platform without ``os.pread``): then :meth:`read` it.
+        (a deflated member, an archive read from memory, a platform without ``os.preadv``): then :meth:`read` it.
 
         Consumers that copy what they read anyway (``torch.load``) read the member once, straight from the file,
         instead of from a copy of it in memory: one copy of the weights instead of two. The checks :meth:`read`
         makes apply (caps, local header); the CRC is the caller's (:meth:`crc`). Valid until :meth:`close`.
         """
         info = self._readable(name, genuine_bytes)
-        if info.compress_type != zipfile.ZIP_STORED or self._in_memory or not hasattr(os, "pread"):
+        if info.compress_type != zipfile.ZIP_STORED or self._in_memory or not hasattr(os, "preadv"):
             return None
         start = self._stored_data_start(info)
         self._total += info.file_size

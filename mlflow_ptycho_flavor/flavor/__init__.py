@@ -128,7 +128,8 @@ def _flavor_section(
         **describe_architecture(contents.network_config),
         "intensity_scale": contents.intensity_scale,
         "has_scaling_metadata": contents.metadata is not None,
-        "input": "float32 amplitudes (B, C, N, N) or (B, N, N) for C=1; optional per-sample scale",
+        "input": "float32 (B, C, N, N) or (B, N, N) for C=1: amplitudes, or photon counts / intensities with "
+                 "input_kind; optional per-sample scale",
         "output": "complex64 (B, C, N, N); JSON-safe real/imag or amp/phase forms when serving",
     }
     if source is not None:

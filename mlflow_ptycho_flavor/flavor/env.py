@@ -130,7 +130,24 @@ def add_code_to_system_path(local_path: str, flavor_conf: dict[str, Any]) -> Non
     _add_code_from_conf_to_system_path(local_path, flavor_conf)
 
 
+#: PyYAML's C parser when it is built in (it is in PyYAML's wheels): ~10x faster than the pure-Python one MLflow's
+#: ``Model.load`` uses, which took 3 ms of a 20 ms model load.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def flavor_configuration(local_path: str, flavor_name: str) -> dict[str, Any]:
+    """The ``flavors[flavor_name]`` section of the MLmodel in ``local_path`` (a model directory).
+
+    Read with the C YAML parser where available; anything unexpected (no MLmodel, no such flavor, YAML this
+    reader rejects) goes to MLflow's own reader, which raises its usual ``MlflowException``.
+    """
+    try:
+        with open(os.path.join(local_path, "MLmodel"), encoding="utf-8") as handle:
+            section = (yaml.load(handle, Loader=_YAML_LOADER) or {}).get("flavors", {}).get(flavor_name)
+        if isinstance(section, dict):
+            return section
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        pass
     return _get_flavor_configuration(model_path=local_path, flavor_name=flavor_name)
 
 

@@ -43,10 +43,8 @@ Needs ``pyspark>=4.0`` (Arrow in and out: ``createDataFrame(pyarrow.Table)``, ``
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
