@@ -173,7 +173,6 @@ def run_demo(
 
     import mlflow_ptycho_flavor  # noqa: F401  (mlflow.ptycho_torch)
 
-    from mlflow_ptycho_flavor.bundle import load_torch_bundle
     from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
     from mlflow_ptycho_flavor.sim.dataset import normalization_factor, save_npz, train_test_split
     from mlflow_ptycho_flavor.sim.demo_model import QUICK_SCAN, shipped_bundle_record, simulate_demo_scan
@@ -233,7 +232,7 @@ def run_demo(
             alias_uri = f"models:/{registered_model_name}@champion"
             pyfunc_model = mlflow.pyfunc.load_model(alias_uri)
             downloaded = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(out / "downloaded")))
-            standalone, params = load_torch_bundle(downloaded / "wts.h5.zip", device="cpu")
+            standalone = PtychoTorchModel.from_bundle(downloaded / "wts.h5.zip", device="cpu")  # no MLflow
             timings["reload"] = time.perf_counter() - t
 
             _stage(f"reconstructing {dataset.n_patterns} scan positions ({threads} torch thread(s): {why}), "
@@ -243,7 +242,7 @@ def run_demo(
             diffraction = dataset.diff3d[:, None]
             patches = pyfunc_model.predict({"diffraction": diffraction, "scale": np.full(len(diffraction), factor)})
             # The zip taken out of MLflow, loaded without MLflow, batched the same way: identical numbers expected.
-            direct = PtychoTorchModel(network=standalone, params=params).predict(diffraction, factor)
+            direct = standalone.predict(diffraction, factor)
             identical = bool(np.array_equal(patches, direct))
             scored = reconstruct_scan(patches[:, 0], dataset)
             timings["reconstruct+stitch"] = time.perf_counter() - t

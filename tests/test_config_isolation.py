@@ -63,7 +63,7 @@ def loaded(bundles, inputs):
     models, references, configs = {}, {}, {}
     for name in ("a", "b"):
         network, _ = load_torch_bundle(bundles[name], device="cpu")
-        native = load_model(str(bundles[name]), device="cpu")
+        native = load_model(str(bundles[name]), device="cpu", channels_last=False)  # the bare network's layout
         configs[name] = dict(params_module.cfg)
         assert params_module.cfg["N"] == SPECS[name]["N"]  # CONFIG-001 did rewrite the global
         models[name] = {"network": network, "native": native}

@@ -42,7 +42,10 @@ def _io(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _standalone_output(bundle: Path, x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The bundle's network as ``load_torch_bundle`` rebuilds it, in the layout the models predict with on the CPU
+    by default (NHWC)."""
     network, _ = load_torch_bundle(bundle, device="cpu")
+    network = network.to(memory_format=torch.channels_last)
     with torch.no_grad():
         return network(torch.from_numpy(x), torch.from_numpy(scale.reshape(-1, 1, 1, 1))).numpy()
 

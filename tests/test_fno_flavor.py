@@ -41,8 +41,10 @@ def model_dir(tmp_path_factory, fixture):
 
 @pytest.fixture(scope="module")
 def standalone(fixture):
-    """The standalone load's output on the recorded inputs (the reference of this module)."""
+    """The standalone load's output on the recorded inputs (the reference of this module), in the layout the models
+    predict with on the CPU by default (NHWC)."""
     network, _ = load_torch_bundle(fixture["bundle"], device="cpu")
+    network = network.to(memory_format=torch.channels_last)
     io_ = fixture["io"]
     with torch.no_grad():
         out = network(torch.from_numpy(io_["x"]), torch.from_numpy(io_["input_scale_factor"])).numpy()

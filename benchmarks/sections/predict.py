@@ -51,8 +51,8 @@ class PredictComparison:
     layout_gain: Ratio = column("raw / raw in the model's layout [per-repeat range]")
     implied: float = column("implied by layout gain and stubbed overhead", "ratio")
     max_abs_diff: float = column("max abs diff", "g")
-    target: Target = column("target", "target")
-    met: bool = column("met", "met")
+    target: Target | None = column("target", "target")
+    met: bool | None = column("met", "met")
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,8 @@ def run(ctx: Context) -> SectionResult:
         implied = raw_stats.median / (layout_stats.median + overhead[batch])
         comparisons.append(PredictComparison(
             ctx.models[gridsize].N, gridsize, batch, raw_stats, layout_stats, pyfunc_stats, batch / raw_stats.median,
-            batch / pyfunc_stats.median, throughput, paired_overhead, layout_gain, implied, diff, target,
-            target.holds(throughput.median)))
+            batch / pyfunc_stats.median, throughput, paired_overhead, layout_gain, implied, diff,
+            target if batch >= 16 else None, target.holds(throughput.median) if batch >= 16 else None))
 
     checks = [Check.of("1 Predict", f"default pyfunc predict / raw eager forward throughput, g{c.gridsize} "
                        f"B={c.batch}", c.throughput.median, target,
