@@ -1,4 +1,7 @@
-"""Section 6 (``--fast-paths``): opt-in ways to run the raw forward faster, each against eager on the same tensors.
+"""Section 6 (``--fast-paths``): ways to run the raw forward faster, each against eager on the same tensors.
+
+Eager is the network in torch's default contiguous layout. channels_last is the CPU default of the package's
+predict paths since performance round 2 (section 1 measures it end to end); the others are opt-in.
 
 channels_last (module and input), other intra-op thread counts, TorchScript trace + freeze, and ``torch.compile``
 (in a fresh process with a timeout: ``probes.compile``). An option is "worth it" when it is >= 1.10x faster and
@@ -139,7 +142,9 @@ def run(ctx: Context) -> SectionResult:
     import torch
 
     model_set = ctx.models[ctx.main_gridsize]
-    network = ctx.pyfuncs[ctx.main_gridsize].get_raw_model()
+    # eager = torch's default contiguous layout (the pyfunc model's own module is NHWC on the CPU by default, which
+    # is what the channels_last row measures)
+    network = copy.deepcopy(ctx.pyfuncs[ctx.main_gridsize].get_raw_model()).to(memory_format=torch.contiguous_format)
     rows = [row for batch in ctx.cfg.fast_path_batches for row in measure_batch(ctx, network, batch)]
     compiled = measure_compile(ctx)
     rows += [compiled] if compiled is not None else []
@@ -149,8 +154,10 @@ def run(ctx: Context) -> SectionResult:
         checks.append(Check.of("6 Fast paths", f"{option}, speed vs eager (best: batch {best.batch})",
                                best.speed.median, SPEED_TARGET, detail=f"max |diff| {best.max_abs_diff:.3g}",
                                condition=best.max_abs_diff <= MAX_DIFF))
-    intro = (f"Raw forward (`inference_mode`, gridsize {model_set.gridsize}, N={model_set.N}) eager vs each option, "
-             "interleaved; speed = eager time / option time (median of per-repeat ratios). \"Worth it\" target: "
+    intro = (f"Raw forward (`inference_mode`, gridsize {model_set.gridsize}, N={model_set.N}) eager (contiguous "
+             "layout) vs each option; channels_last is the CPU default of the package's predict paths (section 1), "
+             "the others are opt-in. "
+             "Interleaved; speed = eager time / option time (median of per-repeat ratios). \"Worth it\" target: "
              ">= 1.10x faster with max |diff| <= 1e-4 against eager. Intra-op threads here: "
              f"{torch.get_num_threads()}" + ("; torch.compile is skipped in --quick." if ctx.cfg.compile_batch is None
                                             else "."))

@@ -315,6 +315,15 @@ def check_fits(
     _remember_layout(config, layout)
 
 
+def _nonfinite_count(key: str, flat: torch.Tensor) -> str:
+    """``"<key> holds <n> NaN or infinite value(s) ..."``, counted in chunks; empty when a sum overflowed from
+    finite values only."""
+    bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in flat.split(1 << 22))
+    if not bad:
+        return ""
+    return f"{short_repr(key)} holds {bad} NaN or infinite value(s) of {flat.numel()} (dtype {flat.dtype})"
+
+
 def check_finite_weights(state_dict: Mapping[str, Any], member: str) -> None:
     """Refuse NaN or infinite weights, real or complex (each storage view is scanned once).
 
@@ -328,7 +337,7 @@ def check_finite_weights(state_dict: Mapping[str, Any], member: str) -> None:
         NonFiniteWeightsError: naming the first offending keys and how many values each holds.
     """
     seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
-    offenders = []
+    sums: dict[torch.dtype, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     for key, tensor in dict.items(state_dict):
         if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
             continue
@@ -337,12 +346,17 @@ def check_finite_weights(state_dict: Mapping[str, Any], member: str) -> None:
             continue
         seen.add(view)
         flat = tensor.detach().reshape(-1)
-        if bool(torch.isfinite(flat.sum())):
+        total = flat.sum()
+        sums.setdefault(total.dtype, []).append((key, flat, total))
+    offenders = []
+    for group in sums.values():
+        # one finiteness test per dtype for all the sums; the per-tensor count only where one is not finite
+        if bool(torch.isfinite(torch.stack([total for _, _, total in group])).all()):
             continue
-        bad = sum(int((~torch.isfinite(chunk)).sum()) for chunk in flat.split(1 << 22))
-        if bad:
-            offenders.append(f"{short_repr(key)} holds {bad} NaN or infinite value(s) of {tensor.numel()} (dtype "
-                             f"{tensor.dtype})")
+        for key, flat, total in group:
+            if not bool(torch.isfinite(total)):
+                offenders.append(_nonfinite_count(key, flat))
+    offenders = [text for text in offenders if text]
     if offenders:
         raise NonFiniteWeightsError(
             f"{member}: {'; '.join(offenders[:5])}{'; ...' if len(offenders) > 5 else ''}. A network with such weights "
