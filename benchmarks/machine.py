@@ -112,6 +112,6 @@ def condition_notes(machine: MachineInfo) -> list[str]:
     if machine.threads_pinned and machine.torch_threads != machine.torch_default_threads:
         notes.append(f"Torch intra-op threads were pinned to {machine.torch_threads} (`--threads`, or --quick's "
                      f"default; torch's default here is {machine.torch_default_threads}): on a small machine shared with other processes, a "
-                     "preempted OpenMP thread stalls every parallel op; section 6 (`torch.set_num_threads`) measures "
+                     "preempted OpenMP thread stalls every parallel op; section 7 (`torch.set_num_threads`) measures "
                      "the effect when it runs.")
     return notes

@@ -51,8 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="markdown report path (default benchmarks/RESULTS.md; "
                                                                "with --quick benchmarks/RESULTS-quick.md, git-ignored)")
     parser.add_argument("--records", type=Path, default=None, help="also write every record as JSON to this path")
-    parser.add_argument("--fast-paths", action="store_true", help="section 6: channels_last, threads, jit, compile")
-    parser.add_argument("--spark", action="store_true", help="section 7: spark_predict on local masters (pyspark)")
+    parser.add_argument("--fast-paths", action="store_true", help="section 7: channels_last, threads, jit, compile")
+    parser.add_argument("--spark", action="store_true", help="section 8: spark_predict on local masters (pyspark)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per comparison (default 5; 2 with --quick)")
     parser.add_argument("--filters", type=int, default=None, help="n_filters_scale (default 2; 1 with --quick)")

@@ -1,4 +1,4 @@
-"""Section 6 (``--fast-paths``): ways to run the raw forward faster, each against eager on the same tensors.
+"""Section 7 (``--fast-paths``): ways to run the raw forward faster, each against eager on the same tensors.
 
 Eager is the network in torch's default contiguous layout. channels_last is the CPU default of the package's
 predict paths since performance round 2 (section 1 measures it end to end); the others are opt-in.
@@ -30,7 +30,7 @@ from benchmarks.records import Check, Ratio, RecordTable, SectionResult, Stats, 
 __all__ = ["KEY", "TITLE", "SPEED_TARGET", "MAX_DIFF", "FastPath", "run"]
 
 KEY = "fast"
-TITLE = "6. Optional fast paths (--fast-paths)"
+TITLE = "7. Optional fast paths (--fast-paths)"
 #: eager time / option time; the option's output must also be within MAX_DIFF of eager's.
 MAX_DIFF = 1e-4
 SPEED_TARGET = Target(low=1.10, also="max |diff| <= 1e-4")
@@ -151,7 +151,7 @@ def run(ctx: Context) -> SectionResult:
     checks = []
     for option in dict.fromkeys(r.option for r in rows if r.speed is not None):
         best = max((r for r in rows if r.option == option and r.speed is not None), key=lambda r: r.speed.median)
-        checks.append(Check.of("6 Fast paths", f"{option}, speed vs eager (best: batch {best.batch})",
+        checks.append(Check.of("7 Fast paths", f"{option}, speed vs eager (best: batch {best.batch})",
                                best.speed.median, SPEED_TARGET, detail=f"max |diff| {best.max_abs_diff:.3g}",
                                condition=best.max_abs_diff <= MAX_DIFF))
     intro = (f"Raw forward (`inference_mode`, gridsize {model_set.gridsize}, N={model_set.N}) eager (contiguous "

@@ -1,4 +1,4 @@
-"""Section 7 (``--spark``): throughput of Spark batch inference (``spark_predict``) against in-process predict.
+"""Section 8 (``--spark``): throughput of Spark batch inference (``spark_predict``) against in-process predict.
 
 Where the Spark overhead goes (each is a column of its own):
 
@@ -28,7 +28,7 @@ from benchmarks.records import RecordTable, SectionResult, column
 __all__ = ["KEY", "TITLE", "SparkRun", "benchmark_spark", "run"]
 
 KEY = "spark"
-TITLE = "7. Spark: spark_predict vs in-process predict"
+TITLE = "8. Spark: spark_predict vs in-process predict"
 
 
 @dataclass(frozen=True)
