@@ -15,6 +15,8 @@ import io
 import json
 import os
 import pickle
+import struct
+import tracemalloc
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -262,6 +264,40 @@ def test_pickle_that_calls_a_storage_type_or_fakes_records_is_refused(tmp_path, 
             archive.writestr("archive/version", "3\n")
         with pytest.raises(UnsafeCheckpointError):
             read_checkpoint(path)
+
+
+def _shared_tuple_key_pickle(levels: int) -> bytes:
+    """``{t: 1}`` where ``t = (u, u)``, ``u = (v, v)``, ... ``levels`` deep: 2**levels steps to hash the one key."""
+    data = b"\x80\x02K\x00q\x00"  # 0, memo 0
+    for level in range(levels):
+        data += b"h" + bytes([level]) + b"h" + bytes([level]) + b"\x86q" + bytes([level + 1])  # (prev, prev)
+    return data + b"}q\xfeh" + bytes([levels]) + b"K\x01s."
+
+
+@pytest.mark.parametrize(
+    "pickled, match",
+    [
+        (b"\x80\x02}r" + struct.pack("<I", 2**26) + b".", r"stores into pickle memo slot 67108864"),
+        (_shared_tuple_key_pickle(60), r"'billion laughs' pickle"),
+        (b"\x80\x05\x8e" + struct.pack("<Q", 2**33) + b"x.", r"expected 8589934592 bytes in a bytes8"),
+    ],
+    ids=["memo-slot-1GB", "shared-tuple-key", "bytes8-8GB-declared"],
+)
+def test_pickle_whose_decoding_alone_would_exhaust_memory_or_time_is_refused(tmp_path, pickled, match):
+    """Refused before the C unpickler runs: it would size its memo to 2**27 slots, hash one key 2**60 steps long, or
+    allocate 8 GiB for a payload the file does not hold."""
+    path = tmp_path / "crafted.ckpt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/version", "3\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match=match):
+            read_checkpoint(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
 
 
 def test_damaged_storage_is_refused_and_existing_destination_kept(tmp_path):

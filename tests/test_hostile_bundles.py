@@ -527,6 +527,8 @@ def _deep_list_pickle(depth: int) -> bytes:
         ("bytes8-8GB-declared", CorruptBundleError, r"is not a valid pickle of plain data: ValueError: expected "
                                                     r"8589934592 bytes in a bytes8"),
         ("bytearray8-8GB-declared", CorruptBundleError, r"expected 8589934592 bytes in a bytearray8"),
+        ("memo-slot-1GB", UnsafeBundleError, r"stores into pickle memo slot 67108864, past anything its 9 bytes"),
+        ("memo-slot-text", UnsafeBundleError, r"stores into pickle memo slot 99999999, past anything its 13 bytes"),
     ],
 )
 def test_plain_data_bombs_in_params(members, params, tmp_path, refused, case, error, match):
@@ -562,6 +564,10 @@ def test_plain_data_bombs_in_params(members, params, tmp_path, refused, case, er
         data = b"\x80\x05\x8e" + struct.pack("<Q", 8 * 1024 * MB) + b"x."
     elif case == "bytearray8-8GB-declared":
         data = b"\x80\x05\x96" + struct.pack("<Q", 8 * 1024 * MB) + b"x."
+    elif case == "memo-slot-1GB":  # the C unpickler sizes its memo to twice the index: 2**27 slots, 1 GiB
+        data = b"\x80\x04}r" + struct.pack("<I", 2**26) + b"."
+    elif case == "memo-slot-text":  # protocol 0's PUT, the index as text
+        data = b"(dp99999999\n."
     else:
         data = b""
     path = _zip(tmp_path / "wts.h5.zip", _with(members, **_both_params(data)))
@@ -1059,3 +1065,12 @@ def test_torch_file_with_malformed_data_pkl(members, tmp_path, refused):
     torch_file = _replace_torch_record(torch_bytes({}), b"\x80\x02\xff garbage")
     path = _zip(tmp_path / "wts.h5.zip", _with(members, weights=torch_file))
     refused(path, CorruptBundleError, r"model\.pth holds a malformed pickle")
+
+
+@pytest.mark.parametrize("member", ["weights", "metadata"])
+def test_torch_pickle_asking_for_a_huge_memo(members, tmp_path, refused, member):
+    """One LONG_BINPUT of 2**26 in a nine-byte data.pkl: the C unpickler would size its memo to 2**27 slots (1 GiB)
+    before storing anything; the scan refuses the index first (a real one stays below the pickle's length)."""
+    torch_file = _replace_torch_record(torch_bytes({}), b"\x80\x02}r" + struct.pack("<I", 2**26) + b".")
+    path = _zip(tmp_path / "wts.h5.zip", _with(members, **{member: torch_file}))
+    refused(path, UnsafeBundleError, r"\(data\.pkl\) stores into pickle memo slot 67108864, past anything its 9 bytes")

@@ -9,7 +9,8 @@ bounded by the member's real size:
 * :func:`scan_pickle_structure` runs *before* any unpickler: it follows the opcodes on an abstract stack and
   refuses tuples nested deeper than :data:`MAX_DEPTH` (hashing one recurses in C and overflows the stack) and
   pickles whose dict keys and set elements would cost more than the budget to hash (a shared-tuple key is hashed
-  without memoisation, so 40 levels of sharing mean 2**40 steps inside the unpickler itself);
+  without memoisation, so 40 levels of sharing mean 2**40 steps inside the unpickler itself), and memo indices or
+  counted arguments for which the C unpickler would allocate more than the data holds;
 * :func:`check_plain_data` walks the decoded value once, through the builtin types' own methods (never an
   instance's), refusing deep nesting, instance state on containers, and a total *expanded size* over the budget,
   where a node weighs one plus its payload (string, bytes, array, tensor, int) in 8-byte units, so that a large
@@ -199,9 +200,10 @@ _ATOM_OPS = {
 class _Machine:
     """The pickle virtual machine's stack discipline (as in ``pickle._Unpickler``) over :class:`_Node` values."""
 
-    def __init__(self, member: str, budget: int) -> None:
+    def __init__(self, member: str, budget: int, size: int) -> None:
         self.member = member
         self.budget = budget
+        self.size = size
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -362,6 +364,15 @@ class _Machine:
         self.stack.append(value)
 
     def _put(self, name: str, arg: Any) -> None:
+        # A pickler numbers its memo entries 0, 1, 2, ... one PUT (at least two bytes) per stored object, so a real
+        # index stays below the data's length. The C unpickler grows its memo array to twice the index it is given
+        # and clears every slot: one LONG_BINPUT of 2**31 in a ten-byte pickle asks for 32 GiB.
+        if not 0 <= arg < self.size:
+            raise UnsafeBundleError(
+                f"{self.member} stores into pickle memo slot {short_repr(arg)}, past anything its {self.size} bytes "
+                "can number (the C unpickler would allocate memory for every slot up to it); refused before "
+                "unpickling"
+            )
         self.memo[arg] = self.stack[-1] if self.stack else self.pop()
 
     def _memoize(self, name: str, arg: Any) -> None:
@@ -462,7 +473,8 @@ def scan_pickle_structure(
     deeper than :data:`MAX_DEPTH` and dict keys / set elements whose total expanded size exceeds
     :func:`node_budget` raise :class:`UnsafeBundleError`; a stream that is not a pickle raises
     :class:`CorruptBundleError`. Counted arguments (``BINBYTES8``, ``BYTEARRAY8``) are checked against the data
-    left, never allocated at their declared size (the C unpickler allocates first).
+    left, never allocated at their declared size (the C unpickler allocates first), and a memo index past the
+    data's length (the C unpickler allocates its memo up to twice the index) is refused.
 
     Args:
         data: the pickle.
@@ -470,7 +482,7 @@ def scan_pickle_structure(
         screen: called as ``screen(opcode_name, argument)`` for each opcode of :data:`REFERENCING_OPCODES`
             (``GLOBAL``'s argument is ``"module name"``) in the same walk; it raises to refuse the pickle.
     """
-    machine = _Machine(member, node_budget(len(data)))
+    machine = _Machine(member, node_budget(len(data)), len(data))
     steps = _STEPS
     try:
         for name, arg in iter_opcodes(data):

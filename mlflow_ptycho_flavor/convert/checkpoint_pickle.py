@@ -14,7 +14,6 @@ import collections
 import io
 import math
 import pickle
-import pickletools
 import re
 import zipfile
 from collections import OrderedDict
@@ -25,8 +24,15 @@ from typing import Any
 
 import torch
 
+from mlflow_ptycho_flavor.bundle.budget import scan_pickle_structure
 from mlflow_ptycho_flavor.bundle.unpickle import check_plain_data
-from mlflow_ptycho_flavor.errors import CorruptCheckpointError, UnsafeCheckpointError, short_repr
+from mlflow_ptycho_flavor.errors import (
+    CorruptBundleError,
+    CorruptCheckpointError,
+    UnsafeBundleError,
+    UnsafeCheckpointError,
+    short_repr,
+)
 
 #: Storage globals and their dtypes: float32 weights, int64 counters, complex64 spectral weights (FNO family, §8.6).
 _STORAGE_DTYPES: dict[str, torch.dtype] = {
@@ -253,10 +259,14 @@ class _CheckpointUnpickler(pickle.Unpickler):
 def _unpickle(data: bytes, source: str, limits: CheckpointLimits) -> Any:
     """Decode ``data.pkl`` with :class:`_CheckpointUnpickler`: plain data whose tensors are :class:`_TensorRef` records."""
     try:
-        # Disassemble first: counted arguments (BINBYTES8, ...) are then known to be present before the C unpickler
-        # would allocate their declared size.
-        for _ in pickletools.genops(data):
-            pass
+        # An abstract run first (docs/bundle-format.md §5): counted arguments (BINBYTES8, ...) present before the C
+        # unpickler allocates their declared size, memo indices it would allocate up to, keys too costly to hash.
+        try:
+            scan_pickle_structure(data, source)
+        except UnsafeBundleError as exc:
+            raise UnsafeCheckpointError(str(exc)) from exc
+        except CorruptBundleError as exc:
+            raise CorruptCheckpointError(str(exc)) from exc
         unpickler = _CheckpointUnpickler(data, source, limits.max_weight_bytes)
         value = unpickler.load()
     except (UnsafeCheckpointError, CorruptCheckpointError) as exc:
