@@ -296,3 +296,153 @@ def test_check_finite_after_fast_load(base, members, tmp_path):
     with pytest.raises(BundleError, match=r"NaN or infinite"):
         load_torch_bundle(path, device="cpu")
     assert np.isnan(state[key].numpy()).sum() == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# storages read in place: the same objects torch.load builds
+# ------------------------------------------------------------------------------------------------------------
+def _awkward_state() -> "OrderedDict[str, torch.Tensor]":
+    """Shared storages, views with offsets and strides, several dtypes, a Parameter, module-version metadata."""
+    generator = torch.Generator().manual_seed(7)
+    base_tensor = torch.randn(6, 8, generator=generator)
+    state = OrderedDict(
+        weight=base_tensor,
+        view=base_tensor[2:5, 1::2],  # storage offset and strides into `weight`'s storage
+        transposed=base_tensor.t(),
+        half=torch.randn(3, 3, generator=generator).half(),
+        bf16=torch.randn(5, generator=generator).bfloat16(),
+        counts=torch.arange(7, dtype=torch.int64),
+        mask=torch.tensor([True, False, True]),
+        complex=torch.randn(4, dtype=torch.complex64, generator=generator),
+        empty=torch.zeros(0, 3),
+        scalar=torch.tensor(2.5, dtype=torch.float64),
+        parameter=torch.nn.Parameter(torch.ones(2, 2)),
+    )
+    state._metadata = OrderedDict({"": {"version": 1}, "model": {"version": 2}})
+    return state
+
+
+def _same_as_torch_load(ours, reference) -> None:
+    assert list(ours) == list(reference)
+    for key, tensor in reference.items():
+        mine = ours[key]
+        assert type(mine) is type(tensor) and mine.dtype == tensor.dtype, key
+        assert mine.shape == tensor.shape and mine.stride() == tensor.stride(), key
+        assert mine.storage_offset() == tensor.storage_offset() and mine.requires_grad == tensor.requires_grad, key
+        assert torch.equal(mine, tensor), key
+    assert ours._metadata == reference._metadata
+    assert ours["view"].untyped_storage().data_ptr() == ours["weight"].untyped_storage().data_ptr()
+    assert ours["transposed"].untyped_storage().data_ptr() == ours["weight"].untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("form", ["bytes", "view"])
+def test_storages_read_in_place_give_what_torch_load_gives(tmp_path, monkeypatch, form):
+    raw = torch_bytes(_awkward_state())
+    reference = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+
+    def not_called(*args, **kwargs):
+        raise AssertionError("torch.load ran: the storages were not read in place")
+
+    monkeypatch.setattr(torch, "load", not_called)
+    if form == "bytes":
+        ours = torch_load(raw, "m.pth")
+    else:
+        path = tmp_path / "outer.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("pad.txt", b"x" * 1234)  # the member does not start at offset 0
+            archive.writestr("m.pth", raw)
+        from mlflow_ptycho_flavor.bundle.archive import DEFAULT_LIMITS, ArchiveReader
+
+        reader = ArchiveReader(path, DEFAULT_LIMITS)
+        try:
+            view = reader.view("m.pth", genuine_bytes=len(raw))
+            assert view is not None
+            ours = torch_load(view, "m.pth")
+        finally:
+            reader.close()
+    _same_as_torch_load(ours, reference)
+
+
+def _rewrite_records(raw: bytes, change) -> bytes:
+    """The torch zip ``raw`` with ``change(name, data) -> (data, compress_type) | None`` (None drops the record)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            result = change(info.filename, zin.read(info))
+            if result is not None:
+                data, method = result
+                zout.writestr(zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0)), data,
+                              compress_type=method)
+    return out.getvalue()
+
+
+def test_big_endian_storages_are_byteswapped_like_torch_load_does():
+    """A file written on a big-endian machine: byteorder record "big", every storage's elements byte-reversed."""
+    state = OrderedDict(w=torch.randn(3, 4), i=torch.arange(5, dtype=torch.int32), h=torch.randn(2).half())
+    raw = torch_bytes(state)
+    sizes = {"0": 4, "1": 4, "2": 2}  # storage keys in the order torch.save met them
+
+    def to_big(name, data):
+        if name.endswith("/byteorder"):
+            return b"big", zipfile.ZIP_STORED
+        key = name.rsplit("/", 1)[-1]
+        if "/data/" in name:
+            width = sizes[key]
+            return np.frombuffer(data, f"<u{width}").astype(f">u{width}").tobytes(), zipfile.ZIP_STORED
+        return data, zipfile.ZIP_STORED
+
+    big = _rewrite_records(raw, to_big)
+    reference = torch.load(io.BytesIO(big), map_location="cpu", weights_only=True)
+    ours = torch_load(big, "m.pth")
+    for key, tensor in state.items():
+        assert torch.equal(ours[key], tensor) and torch.equal(reference[key], tensor), key
+
+
+def test_deflated_storage_records_are_left_to_torch_load():
+    """Not what torch.save writes, but a valid torch file: storages are then decoded by torch's reader."""
+    state = OrderedDict(w=torch.zeros(64, 64), b=torch.ones(64))
+    raw = _rewrite_records(torch_bytes(state), lambda name, data: (data, zipfile.ZIP_DEFLATED))
+    ours = torch_load(raw, "m.pth", max_inflated_bytes=10**6)
+    assert all(torch.equal(ours[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        ("short", r"the storage '0' needs 48 bytes \(12 torch\.float32\) but the file has a record of 44 bytes"),
+        ("missing", r"the storage '0' needs 48 bytes \(12 torch\.float32\) but the file has no such record"),
+        ("byteorder", r"the byteorder record says 'middle', not little or big"),
+    ],
+)
+def test_damaged_storage_records_are_refused_naming_the_storage(damage, match):
+    raw = torch_bytes(OrderedDict(w=torch.randn(3, 4)))
+
+    def change(name, data):
+        if name.endswith("/data/0"):
+            return None if damage == "missing" else ((data[:-4] if damage == "short" else data), zipfile.ZIP_STORED)
+        if name.endswith("/byteorder") and damage == "byteorder":
+            return b"middle", zipfile.ZIP_STORED
+        return data, zipfile.ZIP_STORED
+
+    with pytest.raises(CorruptBundleError, match=match):
+        torch_load(_rewrite_records(raw, change), "m.pth")
+
+
+@pytest.mark.parametrize(
+    "persistent_id",
+    [
+        b"X\x01\x00\x00\x00x",  # a string
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuG@\x08\x00\x00\x00\x00"
+        b"\x00\x00t",  # numel as a float
+        b"(X\x07\x00\x00\x00storagectorch\nfloat32\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x0ct",  # a dtype, no class
+    ],
+    ids=["not-a-tuple", "float-numel", "dtype-for-class"],
+)
+def test_malformed_persistent_ids_are_refused(persistent_id):
+    raw = torch_bytes(OrderedDict(w=torch.randn(3, 4)))
+    pickled = b"\x80\x02" + persistent_id + b"Q."
+    crafted = _rewrite_records(
+        raw, lambda name, data: (pickled if name.endswith("/data.pkl") else data, zipfile.ZIP_STORED)
+    )
+    with pytest.raises(CorruptBundleError, match=r"m\.pth holds the (persistent id|malformed storage id)"):
+        torch_load(crafted, "m.pth")

@@ -58,6 +58,7 @@ __all__ = [
     "MemberView",
     "not_a_bundle_error",
     "check_nested_zip",
+    "RecordSpan",
     "resolve_bundle_path",
     "size_problem",
     "write_zip",
@@ -175,39 +176,62 @@ def size_problem(name: str, size: int, compressed: int, limits: BundleLimits, *,
     return None
 
 
-def _occupied_bytes(handle: io.BufferedIOBase | io.BytesIO, info: zipfile.ZipInfo, end: int) -> int:
-    """Bytes of compressed data ``info`` really has in the file: from its data start to the next structure
-    (``end``: the next local header or the central directory), never more than it declares."""
+@dataclass(frozen=True)
+class RecordSpan:
+    """Where an entry's data lies in its zip: ``start`` (after the local header), the bytes it really ``occupies``
+    (never more than it declares), its uncompressed ``size`` and its compression ``method``."""
+
+    start: int
+    occupies: int
+    size: int
+    method: int
+
+    @property
+    def stored_intact(self) -> bool:
+        """Stored (not deflated), with every declared byte present before the next structure."""
+        return self.method == zipfile.ZIP_STORED and self.occupies == self.size
+
+
+def _span(handle: io.BufferedIOBase | io.BytesIO, info: zipfile.ZipInfo, end: int) -> RecordSpan:
+    """The :class:`RecordSpan` of ``info``: its data runs from the local header's end to the next structure
+    (``end``: the next local header or the central directory), never further than it declares."""
+    unreadable = RecordSpan(0, 0, info.file_size, info.compress_type)
     if info.header_offset < 0:  # a directory offset pointing before the file: zipfile reports it when reading
-        return 0
+        return unreadable
     handle.seek(info.header_offset)
     header = handle.read(_LOCAL_HEADER.size)
     if len(header) != _LOCAL_HEADER.size:
-        return 0
+        return unreadable
     fields = _LOCAL_HEADER.unpack(header)
     data_start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
-    return max(0, min(info.compress_size, end - data_start))
+    return RecordSpan(data_start, max(0, min(info.compress_size, end - data_start)), info.file_size, info.compress_type)
 
 
-def _extents(
+def _spans(
     handle: io.BufferedIOBase | io.BytesIO, infos: list[zipfile.ZipInfo], directory_start: int
-) -> dict[str, int]:
-    """:func:`_occupied_bytes` of every entry (the end of each is the next header offset above it)."""
+) -> dict[str, RecordSpan]:
+    """:func:`_span` of every entry (the end of each is the next header offset above it)."""
     offsets = sorted({info.header_offset for info in infos} | {directory_start})
     result = {}
     for info in infos:
         following = bisect.bisect_right(offsets, info.header_offset)
         end = offsets[following] if following < len(offsets) else directory_start
-        result[info.filename] = _occupied_bytes(handle, info, end)
+        result[info.filename] = _span(handle, info, end)
     return result
 
 
-def check_nested_zip(data: bytes | MemberView, member: str, *, max_inflated_bytes: int, max_entries: int) -> None:
+def check_nested_zip(
+    data: bytes | MemberView, member: str, *, max_inflated_bytes: int, max_entries: int
+) -> dict[str, RecordSpan]:
     """Check a zip held in a member (torch's format inside ``model.pth``) before another reader parses it.
 
     Refused: a central directory over ``max_entries`` entries; encrypted records; stored records whose declared
     size differs from what they occupy; and records whose inflated sizes add up to more than
     ``max_inflated_bytes``, which torch's reader would allocate (its records may be deflated like any zip's).
+
+    Returns:
+        Every record's :class:`RecordSpan` by name (empty when the bytes hold no zip directory at all, which
+        torch's reader refuses in turn).
 
     Raises:
         UnsafeBundleError: over a cap. CorruptBundleError: not a readable zip.
@@ -217,21 +241,21 @@ def check_nested_zip(data: bytes | MemberView, member: str, *, max_inflated_byte
     if problem:
         raise UnsafeBundleError(problem)
     if extent is None:
-        return  # no end record: torch's reader finds no directory either and refuses the file
+        return {}  # no end record: torch's reader finds no directory either and refuses the file
     try:
         with zipfile.ZipFile(handle) as nested:
             infos = nested.infolist()
-            occupied = _extents(handle, infos, nested.start_dir)
+            spans = _spans(handle, infos, nested.start_dir)
     except (zipfile.BadZipFile, OSError, ValueError, struct.error, EOFError) as exc:
         raise CorruptBundleError(f"{member} is not a valid torch file: {short_error(exc)}") from exc
     total = 0
     for info in infos:
         if info.flag_bits & 0x1:
             raise UnsupportedBundleError(f"{member} holds the encrypted record {short_repr(info.filename)}")
-        if info.compress_type == zipfile.ZIP_STORED and occupied[info.filename] != info.file_size:
+        if info.compress_type == zipfile.ZIP_STORED and spans[info.filename].occupies != info.file_size:
             raise CorruptBundleError(
                 f"{member}: the stored record {short_repr(info.filename)} declares {info.file_size} bytes but "
-                f"occupies {occupied[info.filename]}; the file is damaged"
+                f"occupies {spans[info.filename].occupies}; the file is damaged"
             )
         total += info.file_size
     if total > max_inflated_bytes:
@@ -239,6 +263,7 @@ def check_nested_zip(data: bytes | MemberView, member: str, *, max_inflated_byte
             f"{member}'s records expand to {total} bytes, more than the {max_inflated_bytes} it can genuinely "
             "need (records deflated inside the torch file: a zip bomb?); refused before torch reads them"
         )
+    return spans
 
 
 def _check_member_name(name: str) -> None:
@@ -323,6 +348,13 @@ class MemberView(io.RawIOBase):
         self._position += received
         return received
 
+    def readinto_at(self, buffer: Any, offset: int) -> int:
+        """Fill ``buffer`` from ``offset`` within the view (straight from the file, no copy in between); returns the
+        bytes read, fewer only at the view's end."""
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), self._size - offset))
+        return os.preadv(self._fd, [target[:count]], self._start + offset) if count else 0
+
     def startswith(self, prefix: bytes) -> bool:
         return self.pread(len(prefix), 0) == prefix
 
@@ -374,7 +406,10 @@ class ArchiveReader:
             raise CorruptBundleError(f"{path} cannot be read as a zip archive: {short_error(exc)}") from exc
         try:
             self._infos = self._index()
-            self._occupied = _extents(self._file, list(self._infos.values()), self._zip.start_dir)
+            self._occupied = {
+                name: span.occupies
+                for name, span in _spans(self._file, list(self._infos.values()), self._zip.start_dir).items()
+            }
         except BaseException:
             self.close()
             raise

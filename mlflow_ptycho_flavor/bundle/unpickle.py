@@ -20,9 +20,10 @@ decoding is a :class:`CorruptBundleError`.
 Opting out (``allow_unsafe=True`` or MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true``) falls back to
 ``dill``/``pickle`` and therefore runs whatever code the file carries: only for files you trust.
 
-Torch members (``model.pth``, ``torch_scaling_metadata.pt``) are loaded with ``torch.load(weights_only=True)``
-after :func:`torch_load` has checked the nested torch zip's real record sizes and that their pickle names only
-the globals a state_dict or a metadata dict needs (torch's own allow-list is wider and includes allocation bombs).
+Torch members (``model.pth``, ``torch_scaling_metadata.pt``) are decoded by :func:`torch_load` after it has
+checked the nested torch zip's real record sizes and that their pickle names only the globals a state_dict or a
+metadata dict needs (torch's own allow-list is wider and includes allocation bombs): the C unpickler resolving
+that allow-list, with the storages read in place from the archive.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ import math
 import os
 import pickle
 import re
+import sys
 import types
+import warnings
 from typing import Any
 
 import torch
 
-from mlflow_ptycho_flavor.bundle.archive import MemberView, check_nested_zip
+from mlflow_ptycho_flavor.bundle.archive import MemberView, RecordSpan, check_nested_zip
 from mlflow_ptycho_flavor.bundle.budget import MAX_DEPTH, check_plain_data, scan_pickle_structure
 from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_error, short_message, short_repr
 
@@ -571,6 +574,117 @@ def _allow_list_pickle_module(member: str) -> Any:
     return types.SimpleNamespace(__name__=__name__, Unpickler=unpickler)
 
 
+def _legacy_storage_dtypes() -> dict[type, torch.dtype]:
+    """``torch.FloatStorage`` -> ``torch.float32``, ...: the storage classes ``torch.save`` names in persistent ids
+    (markers of a dtype; ``torch.UntypedStorage`` is not among them, and the allow-list refuses it)."""
+    table = {}
+    with warnings.catch_warnings():  # reading ``.dtype`` of the legacy classes warns that TypedStorage is deprecated
+        warnings.simplefilter("ignore")
+        for name, value in vars(torch).items():
+            if name.endswith("Storage") and _torch_global_allowed("torch", name):
+                dtype = getattr(value, "dtype", None)
+                if isinstance(dtype, torch.dtype):
+                    table[value] = dtype
+    return table
+
+
+_STORAGE_DTYPES = _legacy_storage_dtypes()
+
+
+class _StorageFile:
+    """The storage records of a torch zip read straight into tensors' memory (what ``torch.load`` does record by
+    record through the Python file object, with a few calls each): one ``preadv`` per storage from the archive file
+    for a :class:`~.archive.MemberView`, one copy out of the buffer for bytes (docs/bundle-format.md §1.3)."""
+
+    def __init__(self, data: bytes | MemberView, prefix: str, spans: dict[str, RecordSpan], member: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._spans = spans
+        self._member = member
+        self._storages: dict[str, torch.storage.TypedStorage] = {}
+        order = self.record(f"{prefix}byteorder")
+        self._swap = order is not None and order != sys.byteorder
+
+    def record(self, name: str) -> str | None:
+        """A small text record (``byteorder``), or None when absent."""
+        span = self._spans.get(name)
+        if span is None:
+            return None
+        if span.size > 16:
+            raise CorruptBundleError(f"{self._member}: the record {short_repr(name)} holds {span.size} bytes, not a word")
+        text = bytes(self._read(span, span.size)).decode("ascii", "replace").strip()
+        if text not in ("little", "big"):
+            raise CorruptBundleError(f"{self._member}: the byteorder record says {short_repr(text)}, not little or big")
+        return text
+
+    def _read(self, span: RecordSpan, count: int, target: Any = None) -> Any:
+        buffer = bytearray(count) if target is None else target
+        if isinstance(self._data, MemberView):
+            received = self._data.readinto_at(buffer, span.start)
+        else:
+            chunk = memoryview(self._data)[span.start : span.start + count]
+            memoryview(buffer).cast("B")[: len(chunk)] = chunk
+            received = len(chunk)
+        if received != count:
+            raise CorruptBundleError(f"{self._member} is cut short inside a storage record")
+        return buffer
+
+    def storage(self, saved_id: Any) -> torch.storage.TypedStorage:
+        """``persistent_load`` of ``('storage', <storage class>, key, location, numel)``: the storage on the CPU
+        (``map_location="cpu"``), each key read once and shared by every tensor viewing it."""
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+            raise CorruptBundleError(f"{self._member} holds the persistent id {short_repr(saved_id)}, not a storage")
+        _, storage_class, key, location, numel = saved_id
+        dtype = _STORAGE_DTYPES.get(storage_class) if isinstance(storage_class, type) else None
+        if dtype is None or not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
+            raise CorruptBundleError(f"{self._member} holds the malformed storage id {short_repr(saved_id)}")
+        known = self._storages.get(key)
+        if known is not None:
+            if known.dtype != dtype or known.size() != numel:
+                raise CorruptBundleError(f"{self._member} describes its storage {short_repr(key)} twice, differently")
+            return known
+        name = f"{self._prefix}data/{key}"
+        span = self._spans.get(name)
+        nbytes = numel * dtype.itemsize if numel >= 0 else -1
+        if span is None or not span.stored_intact or span.size != nbytes:
+            found = "no such record" if span is None else f"a record of {span.size} bytes"
+            raise CorruptBundleError(
+                f"{self._member}: the storage {short_repr(key)} needs {nbytes} bytes ({numel} {dtype}) but the file "
+                f"has {found}; the file is damaged"
+            )
+        flat = torch.empty(nbytes, dtype=torch.uint8)
+        self._read(span, nbytes, flat.numpy())
+        untyped = flat.untyped_storage()
+        if self._swap:
+            untyped.byteswap(dtype)
+        typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        self._storages[key] = typed
+        return typed
+
+
+def _direct_storage_prefix(spans: dict[str, RecordSpan]) -> str | None:
+    """The archive folder (``"archive/"``) when every storage record can be read in place: all records in one
+    folder holding one ``data.pkl``, every ``data/`` record stored whole. None: leave the file to ``torch.load``."""
+    pickles = [name for name in spans if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(pickles) != 1:
+        return None
+    prefix = pickles[0][: -len("data.pkl")]
+    for name, span in spans.items():
+        if not name.startswith(prefix):
+            return None
+        if name.startswith(f"{prefix}data/") and not span.stored_intact:
+            return None
+    return prefix
+
+
+def _unpickle_with_storages(pickled: bytes, storages: _StorageFile, member: str) -> Any:
+    """``data.pkl`` through the C unpickler resolving :data:`_TORCH_ALLOWED_GLOBALS` (torch's own rebuild
+    functions), its storages from :class:`_StorageFile`: ``torch.load``'s result without its per-tensor machinery."""
+    unpickler = type("_StorageUnpickler", (_AllowListUnpickler,), {"member": member})(io.BytesIO(pickled))
+    unpickler.persistent_load = storages.storage
+    return unpickler.load()
+
+
 def _weights_only_forced() -> bool:
     """``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` makes torch.load refuse any ``pickle_module``; torch's own restricted
     unpickler then runs after the scan instead."""
@@ -601,10 +715,13 @@ def torch_load(
 
     With ``scan`` (the default): the embedded pickle names only the globals a state_dict or metadata dict needs, uses
     no other way to reach code, is no TorchScript archive, and its structure is bounded
-    (:func:`~.budget.scan_pickle_structure`); it is then unpickled by ``torch.load`` with the C unpickler resolving
-    the same allow-list (:class:`_AllowListUnpickler`), about twice as fast as torch's pure-Python
-    ``weights_only`` unpickler, whose allow-list is wider. ``allow_unsafe`` turns ``scan`` off: torch's
-    ``torch.load(weights_only=True)`` then decides alone.
+    (:func:`~.budget.scan_pickle_structure`); it is then unpickled by the C unpickler resolving the same allow-list
+    (:class:`_AllowListUnpickler`, torch's own rebuild functions), about twice as fast as torch's pure-Python
+    ``weights_only`` unpickler, whose allow-list is wider. Where every storage record is stored whole in the one
+    archive folder (what ``torch.save`` writes), the storages are read in place, one ``preadv`` each
+    (:class:`_StorageFile`: ``torch.load``'s objects without its per-tensor machinery); otherwise ``torch.load``
+    runs with that unpickler. ``allow_unsafe`` turns ``scan`` off: torch's ``torch.load(weights_only=True)`` then
+    decides alone.
 
     Raises:
         UnsafeBundleError, CorruptBundleError, UnsupportedBundleError.
@@ -615,20 +732,24 @@ def torch_load(
             "written since torch 1.6); it is damaged, or a legacy file this loader does not read"
         )
     size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else data.size
-    check_nested_zip(
+    spans = check_nested_zip(
         data, member, max_inflated_bytes=size if max_inflated_bytes is None else max_inflated_bytes,
         max_entries=MAX_TORCH_RECORDS,
     )
+    pickled = _torch_pickle_record(data, member) if scan else b""
     if scan:
-        _scan_torch_pickle(_torch_pickle_record(data, member), member)
+        _scan_torch_pickle(pickled, member)
     try:
+        direct = _direct_storage_prefix(spans) if scan and not _weights_only_forced() else None
+        if direct is not None:
+            return _unpickle_with_storages(pickled, _StorageFile(data, direct, spans, member), member)
         if scan and not _weights_only_forced():
             return torch.load(
                 _torch_file(data), map_location="cpu", weights_only=False,
                 pickle_module=_allow_list_pickle_module(member),
             )
         return torch.load(_torch_file(data), map_location="cpu", weights_only=True)
-    except UnsafeBundleError:
+    except (UnsafeBundleError, CorruptBundleError):
         raise
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ValueError, ...
         raise _torch_load_failure(exc, member) from exc
