@@ -280,6 +280,45 @@ def test_adopted_networks_are_independent_and_match_a_slow_build(config):
     assert not any(b.is_meta for b in first.buffers())
 
 
+@pytest.mark.parametrize("config", [NetworkConfig(N=64), FnoNetworkConfig(architecture="ffno", N=64)],
+                         ids=["cnn", "ffno"])
+def test_adoption_takes_the_tensors_themselves_as_load_state_dict_assign_does(config):
+    """The adopted network's parameters are the state_dict's tensors (no copy), as Parameters keeping the module's
+    requires_grad; its state_dict equals what ``load_state_dict(strict=True, assign=True)`` leaves."""
+    from mlflow_ptycho_flavor.network import build_network
+
+    torch.manual_seed(1)
+    state = {k: v.clone() for k, v in build_network(config).state_dict().items()}
+    adopted = network_from_state_dict(config, dict(state))
+    with weightless_construction():
+        reference = type(adopted)(config)
+    reference.load_state_dict(dict(state), strict=True, assign=True)
+    ours, theirs = adopted.state_dict(keep_vars=True), reference.state_dict(keep_vars=True)
+    assert list(ours) == list(theirs)
+    pointers = {t.data_ptr() for t in state.values()}
+    for key, tensor in theirs.items():
+        # the same memory as the reference (an FNO alias: the last alias's tensor), taken from the state_dict
+        assert ours[key].data_ptr() == tensor.data_ptr() and ours[key].data_ptr() in pointers, key
+        assert type(ours[key]) is type(tensor) and ours[key].requires_grad == tensor.requires_grad, key
+    shared = {id(p) for p in adopted.parameters()}
+    assert len(shared) == len({id(p) for p in reference.parameters()})  # aliases stay one parameter
+
+
+def test_adoption_refuses_what_load_state_dict_refuses():
+    config = NetworkConfig(N=64)
+    from mlflow_ptycho_flavor.network import build_network
+
+    state = dict(build_network(config).state_dict())
+    first = next(iter(state))
+    missing = {k: v for k, v in state.items() if k != first}
+    with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{first}"'):
+        network_from_state_dict(config, missing)
+    with pytest.raises(RuntimeError, match=r'Unexpected key\(s\) in state_dict: "model\.extra"'):
+        network_from_state_dict(config, {**state, "model.extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=rf"size mismatch for {first}: copying a param with shape torch\.Size\(\[3\]\)"):
+        network_from_state_dict(config, {**state, first: torch.zeros(3)})
+
+
 def test_check_finite_after_fast_load(base, members, tmp_path):
     """NaN weights are still refused on the fast path (the C unpickler, stored member)."""
     state = torch.load(io.BytesIO(members[WEIGHTS]), weights_only=True)

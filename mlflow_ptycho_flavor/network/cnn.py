@@ -19,10 +19,10 @@ from torch import nn
 
 from mlflow_ptycho_flavor.errors import UnsupportedBundleError
 from mlflow_ptycho_flavor.network.common import (
+    adopting_network,
     ForwardModel,
     ScaledInputNetwork,
     fixed_input_scale,
-    weightless_network,
 )
 from mlflow_ptycho_flavor.network.config import NetworkConfig
 
@@ -398,11 +398,11 @@ class PtychoPINNNetwork(ScaledInputNetwork):
         """Build the network around existing weights: no random initialisation and no copy.
 
         The module tree is created on the ``meta`` device (no memory, no init) and the tensors of ``state_dict``
-        are adopted as its parameters and buffers (``load_state_dict(strict=True, assign=True)``), so loading
-        costs what reading the weights costs. The caller hands the tensors over: they become the network's.
+        are adopted as its parameters and buffers (:func:`~.common.adopting_network`: what
+        ``load_state_dict(strict=True, assign=True)`` gives), so loading costs what reading the weights costs. The
+        caller hands the tensors over: they become the network's.
         """
-        network = weightless_network(cls, config)
-        network.load_state_dict(state_dict, strict=True, assign=True)
+        network = adopting_network(cls, config, state_dict)
         for module in network.modules():
             if isinstance(module, _Head):
                 module.border_mask = _border_mask(config.N)

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import math
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ForwardModel", "ScaledInputNetwork", "fixed_input_scale", "weightless_construction", "weightless_network"]
+__all__ = ["ForwardModel", "ScaledInputNetwork", "fixed_input_scale", "weightless_construction", "adopting_network"]
 
 #: What a layer's ``reset_parameters`` calls: every in-place initialiser of ``torch.nn.init`` and the tensor methods
 #: they end in. Skipped while a network is built only to adopt stored weights.
@@ -50,21 +52,97 @@ def weightless_construction() -> Iterator[None]:
 BLUEPRINT_CACHE_SIZE = 8
 
 
+@dataclass(frozen=True)
+class _Blueprint:
+    """A network's module tree pickled without its tensors: every state_dict entry is a persistent id (its key; an
+    aliased tensor under the last of its keys, as ``load_state_dict`` leaves it), with what adopting one needs."""
+
+    pickled: bytes
+    #: state_dict key -> (parameter rather than buffer, requires_grad, shape)
+    entries: dict[str, tuple[bool, bool, tuple[int, ...]]]
+
+
+class _BlueprintPickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, key_of: dict[int, str]) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._key_of = key_of
+
+    def persistent_id(self, obj: Any) -> str | None:
+        return self._key_of.get(id(obj)) if isinstance(obj, torch.Tensor) else None
+
+
+class _AdoptingUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, blueprint: _Blueprint, state_dict: Mapping[str, Any]) -> None:
+        super().__init__(file)
+        self._entries = blueprint.entries
+        self._state_dict = state_dict
+
+    def persistent_load(self, key: str) -> torch.Tensor:
+        # what load_state_dict(assign=True) sets: the tensor itself, a parameter keeping the module's requires_grad
+        tensor = self._state_dict[key]
+        is_parameter, requires_grad, _ = self._entries[key]
+        if not is_parameter:
+            return tensor
+        if isinstance(tensor, nn.Parameter):
+            return tensor.requires_grad_(requires_grad)
+        return nn.Parameter(tensor, requires_grad=requires_grad)
+
+
 @functools.lru_cache(maxsize=BLUEPRINT_CACHE_SIZE)
-def _weightless_blueprint(network_class: type, config: Any) -> bytes:
+def _weightless_blueprint(network_class: type, config: Any) -> _Blueprint:
     with weightless_construction():
-        return pickle.dumps(network_class(config), protocol=pickle.HIGHEST_PROTOCOL)
+        network = network_class(config)
+    state = network.state_dict(keep_vars=True)
+    key_of = {id(tensor): key for key, tensor in state.items()}  # an alias: the last key wins
+    buffer = io.BytesIO()
+    _BlueprintPickler(buffer, key_of).dump(network)
+    entries = {
+        key: (isinstance(tensor, nn.Parameter), tensor.requires_grad, tuple(tensor.shape))
+        for key, tensor in state.items()
+    }
+    return _Blueprint(buffer.getvalue(), entries)
 
 
-def weightless_network(network_class: type, config: Any) -> nn.Module:
-    """A new ``network_class(config)`` on the ``meta`` device, uninitialised (see :func:`weightless_construction`).
+def adopting_network(network_class: type, config: Any, state_dict: Mapping[str, Any]) -> nn.Module:
+    """A new ``network_class(config)`` whose parameters and buffers are ``state_dict``'s tensors (no init, no copy).
 
-    The first per class and configuration is constructed; later ones are unpickled from an in-memory blueprint of
-    that first one, about four times faster than building the module tree again (construction is dominated by
-    ``nn.Module`` bookkeeping, not by tensors). The blueprint is bytes this process produced from its own module,
-    never bytes read from a file. Each call returns an independent module tree.
+    What ``weightless construction + load_state_dict(strict=True, assign=True)`` gives, in one pass: the first
+    network per class and configuration is constructed on the ``meta`` device (:func:`weightless_construction`)
+    and pickled without its tensors; every later one is unpickled from that in-memory blueprint with the stored
+    tensors put in place of the persistent ids, about three times faster than building the tree and loading into it
+    (construction and ``load_state_dict`` are ``nn.Module`` bookkeeping, not tensor work). The blueprint is bytes
+    this process produced from its own module, never bytes read from a file. Each call returns an independent
+    module tree; non-persistent buffers stay on ``meta`` for the caller to set.
+
+    Raises:
+        RuntimeError: keys missing or unexpected, or a shape that differs (``load_state_dict``'s wording).
     """
-    return pickle.loads(_weightless_blueprint(network_class, config))  # noqa: S301 - our own in-memory bytes
+    blueprint = _weightless_blueprint(network_class, config)
+    problems = _adoption_problems(blueprint.entries, state_dict)
+    if problems:
+        raise RuntimeError(f"Error(s) in loading state_dict for {network_class.__name__}:\n\t" + "\n\t".join(problems))
+    return _AdoptingUnpickler(io.BytesIO(blueprint.pickled), blueprint, state_dict).load()  # noqa: S301 - our bytes
+
+
+def _adoption_problems(entries: dict[str, tuple[bool, bool, tuple[int, ...]]], state_dict: Mapping[str, Any]) -> list[str]:
+    missing = [key for key in entries if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in entries]
+    problems = []
+    if unexpected:
+        problems.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{key}"' for key in unexpected) + ".")
+    if missing:
+        problems.append("Missing key(s) in state_dict: " + ", ".join(f'"{key}"' for key in missing) + ".")
+    for key, (_, _, shape) in entries.items():
+        tensor = state_dict.get(key)
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                            f"object from checkpoint but received {type(tensor)}")
+        elif tuple(tensor.shape) != shape:
+            problems.append(f"size mismatch for {key}: copying a param with shape {tensor.shape} from checkpoint, "
+                            f"the shape in current model is {torch.Size(shape)}.")
+    return problems
 
 
 class _RectScaler(nn.Module):

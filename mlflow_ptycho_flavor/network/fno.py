@@ -29,11 +29,11 @@ from torch import nn
 
 from mlflow_ptycho_flavor.errors import StateDictMismatchError
 from mlflow_ptycho_flavor.network.common import (
+    adopting_network,
     ForwardModel,
     ScaledInputNetwork,
     fixed_input_scale,
     weightless_construction,
-    weightless_network,
 )
 from mlflow_ptycho_flavor.network.fno_config import FnoNetworkConfig
 
@@ -398,13 +398,12 @@ class PtychoFnoNetwork(ScaledInputNetwork):
         """Build the network around existing weights: no random initialisation and no copy.
 
         The module tree is created on the ``meta`` device and the tensors of ``state_dict`` are adopted as its
-        parameters (``load_state_dict(strict=True, assign=True)``). Alias keys must agree
+        parameters (:func:`~.common.adopting_network`: what ``load_state_dict(strict=True, assign=True)`` gives). Alias keys must agree
         (:func:`check_aliases_agree`); the tensor of the last alias becomes the shared parameter, as in
         upstream's load. The caller hands the tensors over: they become the network's.
         """
         check_aliases_agree(config, state_dict)
-        network = weightless_network(cls, config)
-        network.load_state_dict(state_dict, strict=True, assign=True)
+        network = adopting_network(cls, config, state_dict)
         return network
 
     def forward(self, x: torch.Tensor, input_scale_factor: torch.Tensor | float | None = None) -> torch.Tensor:
