@@ -124,7 +124,10 @@ def adopting_network(network_class: type, config: Any, state_dict: Mapping[str, 
     return _AdoptingUnpickler(io.BytesIO(blueprint.pickled), blueprint, state_dict).load()  # noqa: S301 - our bytes
 
 
-def _adoption_problems(entries: dict[str, tuple[bool, bool, tuple[int, ...]]], state_dict: Mapping[str, Any]) -> list[str]:
+def _adoption_problems(
+    entries: dict[str, tuple[bool, bool, tuple[int, ...]]], state_dict: Mapping[str, Any]
+) -> list[str]:
+    """What ``load_state_dict(strict=True)`` would report for ``state_dict`` against the blueprint's entries."""
     missing = [key for key in entries if key not in state_dict]
     unexpected = [key for key in state_dict if key not in entries]
     problems = []

@@ -398,9 +398,9 @@ class PtychoFnoNetwork(ScaledInputNetwork):
         """Build the network around existing weights: no random initialisation and no copy.
 
         The module tree is created on the ``meta`` device and the tensors of ``state_dict`` are adopted as its
-        parameters (:func:`~.common.adopting_network`: what ``load_state_dict(strict=True, assign=True)`` gives). Alias keys must agree
-        (:func:`check_aliases_agree`); the tensor of the last alias becomes the shared parameter, as in
-        upstream's load. The caller hands the tensors over: they become the network's.
+        parameters (:func:`~.common.adopting_network`: what ``load_state_dict(strict=True, assign=True)``
+        gives). Alias keys must agree (:func:`check_aliases_agree`); the tensor of the last alias becomes the shared
+        parameter, as in upstream's load. The caller hands the tensors over: they become the network's.
         """
         check_aliases_agree(config, state_dict)
         network = adopting_network(cls, config, state_dict)
