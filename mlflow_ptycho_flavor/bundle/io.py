@@ -133,7 +133,7 @@ class BundleContents:
         return float(value) if value is not None else None
 
     def build_network(
-        self, device: str | torch.device | None = None, *, adopt_weights: bool = False
+        self, device: str | torch.device | None = None, *, adopt_weights: bool = False, channels_last: bool = False
     ) -> torch.nn.Module:
         """Build the network from :attr:`network_config`, strict-load the weights, eval mode, on ``device``.
 
@@ -145,6 +145,8 @@ class BundleContents:
             adopt_weights: let the network take over :attr:`state_dict`'s tensors instead of copying them (no
                 random init, no copy: what the loaders use when the contents are discarded afterwards). Networks
                 built with it from the same contents share their weights.
+            channels_last: the 4-D weights in NHWC memory format, as ``network.to(memory_format=
+                torch.channels_last)`` leaves them; converted before adoption (one copy each, no module walk).
 
         Raises:
             ValueError: ``device`` is not valid or not available.
@@ -154,14 +156,27 @@ class BundleContents:
         target = resolve_device(device)
         check_fits(self.network_config, self.state_dict, stored_bytes(self.state_dict))
         if adopt_weights:
+            state_dict: Mapping[str, torch.Tensor] = self.state_dict
+            if channels_last:
+                state_dict = {
+                    key: tensor.to(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
+                    for key, tensor in state_dict.items()
+                }
             with config_errors("diffraction_to_obj/model.pth"):
-                network = network_from_state_dict(self.network_config, self.state_dict)
-            # the weights were read onto the CPU: moving there would only walk every module
+                network = network_from_state_dict(self.network_config, state_dict)
+            if channels_last:  # the buffers set outside the state_dict (the CNN's border masks)
+                for module in network.modules():
+                    for name, buffer in module._buffers.items():
+                        if buffer is not None and buffer.dim() == 4:
+                            module._buffers[name] = buffer.to(memory_format=torch.channels_last)
+            # the weights were read onto the CPU: moving there would only walk every module (.to(device) keeps
+            # each tensor's memory format)
             return (network if target.type == "cpu" else network.to(target)).eval()
         with config_errors("the bundle's network configuration"):
             network = build_network(self.network_config)
         strict_load(network, self.state_dict)
-        return network.to(target).eval()
+        network = network.to(target)
+        return (network.to(memory_format=torch.channels_last) if channels_last else network).eval()
 
 
 def _decode_manifest(reader: ArchiveReader, allow_unsafe: bool | None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mlflow_ptycho_flavor.bundle import read_bundle
+from mlflow_ptycho_flavor.network import resolve_device
 from mlflow_ptycho_flavor.bundle.params import restore_params
 from mlflow_ptycho_flavor.errors import PredictionInputError, short_repr
 
@@ -413,11 +414,9 @@ class PtychoTorchModel:
         """
         contents = read_bundle(path)
         restore_params(contents.params)  # CONFIG-001, before the network is built
-        network = contents.build_network(device, adopt_weights=True)
         if channels_last is None:
-            channels_last = next(network.parameters()).device.type == "cpu"
-        if channels_last:
-            network = network.to(memory_format=torch.channels_last)
+            channels_last = resolve_device(device).type == "cpu"
+        network = contents.build_network(device, adopt_weights=True, channels_last=channels_last)
         return cls(
             network=network,
             params=dict(contents.params),
