@@ -247,14 +247,17 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
     verified.append(name)
 
 
-_DIGEST_CHUNK = 1 << 20
+#: Bytes hashed per read on the worker thread: few enough reads that the worker seldom waits for the GIL the
+#: decoder holds, small enough to stay a fraction of the member.
+_DIGEST_CHUNK = 4 << 20
 
 
 class _MemberDigest:
     """The integrity checks of one large stored member, computed on a worker thread while the caller decodes it.
 
     A stored member is read straight from the file (:meth:`ArchiveReader.read` with ``verify_crc=False``), so its
-    CRC-32 is checked here, as ``zipfile`` would, together with the sha256 the manifest records (when it does).
+    CRC-32 is checked here, as ``zipfile`` would (a wrong CRC field makes upstream's ``zipfile`` reader refuse the
+    file even when the bytes are intact), together with the sha256 the manifest records (when it does).
     ``hashlib`` and ``zlib`` release the GIL on large buffers, so with a spare core both cost no wall time;
     :meth:`check` waits for them. They guard against damage, not tampering (whoever can edit the member can edit the
     manifest and the directory), so decoding the bytes before the digests are known loses nothing: the decoders are
