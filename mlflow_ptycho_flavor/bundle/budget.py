@@ -26,7 +26,8 @@ from __future__ import annotations
 import itertools
 import pickletools
 import struct
-from collections.abc import Callable, Iterator
+import types
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from mlflow_ptycho_flavor.errors import CorruptBundleError, UnsafeBundleError, short_error, short_repr
@@ -36,6 +37,7 @@ __all__ = [
     "node_budget",
     "REFERENCING_OPCODES",
     "iter_opcodes",
+    "walk_opcodes",
     "scan_pickle_structure",
     "check_plain_data",
     "plain_equal",
@@ -98,13 +100,17 @@ def _opcode_table() -> list[tuple[str, int, Any, str] | None]:
 _OPCODES = _opcode_table()
 
 
-def iter_opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
-    """``(opcode name, argument)`` for each opcode of the pickle in ``data`` up to ``STOP``, without building anything.
+def walk_opcodes(
+    data: bytes, actions: Mapping[str, Callable[[str, Any], None]], default: Callable[[str, Any], None]
+) -> None:
+    """Call ``actions[name](name, arg)`` (``default`` for names it lacks) for each opcode of the pickle in ``data``,
+    up to ``STOP``, without building anything.
 
-    What :func:`pickletools.genops` yields, four times faster (this walk is on every load's path), with arguments in
-    the form :class:`_Machine` weighs them: numbers as ``int``/``float``, short text as ``str``, ``GLOBAL``/``INST``
-    as ``"module name"``, and payloads as zero-copy ``memoryview`` slices. A count that runs past the end of the
-    data is an error here, never an allocation.
+    The opcodes and arguments :func:`pickletools.genops` yields, four times faster (this walk is on every load's
+    path, so it is one loop that calls each opcode's action directly), with arguments in the form :class:`_Machine`
+    weighs them: numbers as ``int``/``float``, short text as ``str``, ``GLOBAL``/``INST`` as ``"module name"``,
+    and payloads as zero-copy ``memoryview`` slices. A count that runs past the end of the data is an error here,
+    never an allocation.
 
     Raises:
         ValueError: an unknown opcode, a truncated argument, or no ``STOP``.
@@ -113,6 +119,7 @@ def iter_opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
     end = len(data)
     pos = 0
     table = _OPCODES
+    action_for = actions.get
     while pos < end:
         entry = table[data[pos]]
         if entry is None:
@@ -160,11 +167,18 @@ def iter_opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
                 arg = str(lines[0], "utf-8", "replace")
             else:
                 arg = lines[0]
-        yield name, arg
+        (action_for(name) or default)(name, arg)
         if name == "STOP":
             return
     raise ValueError("pickle exhausted before seeing STOP")
 
+
+def iter_opcodes(data: bytes) -> Iterator[tuple[str, Any]]:
+    """``(opcode name, argument)`` for each opcode of the pickle in ``data`` up to ``STOP`` (:func:`walk_opcodes`'s
+    walk, collected; a malformed stream raises here, before anything is yielded)."""
+    found: list[tuple[str, Any]] = []
+    walk_opcodes(data, {}, lambda name, arg: found.append((name, arg)))
+    return iter(found)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -460,6 +474,18 @@ _STEPS: dict[str, Callable[[_Machine, str, Any], None]] = {
 }
 
 
+def _ignore(name: str, arg: Any) -> None:
+    """PROTO, FRAME and STOP change nothing on the abstract stack."""
+
+
+def _screened(screen: Callable[[str, Any], None], action: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    def screened(name: str, arg: Any) -> None:
+        screen(name, arg)
+        action(name, arg)
+
+    return screened
+
+
 #: Opcodes that name code to import or fetch: what a ``screen`` passed to :func:`scan_pickle_structure` is shown.
 REFERENCING_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
 
@@ -483,16 +509,16 @@ def scan_pickle_structure(
             (``GLOBAL``'s argument is ``"module name"``) in the same walk; it raises to refuse the pickle.
     """
     machine = _Machine(member, node_budget(len(data)), len(data))
-    steps = _STEPS
+    actions: dict[str, Callable[[str, Any], None]] = {
+        name: types.MethodType(handler, machine) for name, handler in _STEPS.items()
+    }
+    for name in ("PROTO", "FRAME", "STOP"):
+        actions[name] = _ignore
+    if screen is not None:
+        for name in REFERENCING_OPCODES:
+            actions[name] = _screened(screen, actions.get(name, machine.step))
     try:
-        for name, arg in iter_opcodes(data):
-            if screen is not None and name in REFERENCING_OPCODES:
-                screen(name, arg)
-            handler = steps.get(name)
-            if handler is not None:
-                handler(machine, name, arg)
-            else:
-                machine.step(name, arg)  # PROTO, FRAME, STOP, or an unknown opcode
+        walk_opcodes(data, actions, machine.step)  # step: an opcode no action knows
     except (UnsafeBundleError, CorruptBundleError):
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed stream (ValueError from the walk, or worse)
