@@ -416,6 +416,7 @@ def test_requirements_pin_public_versions_without_local_tags(model_dirs):
     assert f"dill=={dill.__version__}" in lines
     assert f"numpy=={np.__version__}" in lines
     assert f"mlflow-ptycho-flavor=={mlflow_ptycho_flavor.__version__}" in lines
+    assert not any(line.startswith("pandas") for line in lines)  # mlflow brings it; each pin costs every load
     for name in ("requirements.txt", "conda.yaml", "python_env.yaml"):
         assert "+" not in (model_dir / name).read_text(), name
     conda = yaml.safe_load((model_dir / "conda.yaml").read_text())
