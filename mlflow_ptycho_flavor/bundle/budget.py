@@ -24,6 +24,7 @@ small fraction of it.
 from __future__ import annotations
 
 import itertools
+import pickle
 import pickletools
 import struct
 import types
@@ -81,23 +82,25 @@ _COUNT_FORMATS = {
 _DECODED_TEXT_BYTES = 800
 
 
-def _opcode_table() -> list[tuple[str, int, Any, str] | None]:
-    table: list[tuple[str, int, Any, str] | None] = [None] * 256
+def _opcode_table() -> list[tuple[str, int, Any, str, int] | None]:
+    """Per opcode byte: ``(name, argument kind, struct of the number, argument name, that struct's size)``."""
+    table: list[tuple[str, int, Any, str, int] | None] = [None] * 256
     for op in pickletools.opcodes:
         arg = op.arg
         if arg is None:
-            entry = (op.name, _NO_ARG, None, "")
-        elif arg.name in _FIXED_FORMATS:
-            entry = (op.name, _FIXED, struct.Struct(_FIXED_FORMATS[arg.name]), arg.name)
-        elif arg.name in _COUNT_FORMATS:
-            entry = (op.name, _COUNTED, struct.Struct(_COUNT_FORMATS[arg.name]), arg.name)
+            entry = (op.name, _NO_ARG, None, "", 0)
+        elif arg.name in _FIXED_FORMATS or arg.name in _COUNT_FORMATS:
+            kind, formats = (_FIXED, _FIXED_FORMATS) if arg.name in _FIXED_FORMATS else (_COUNTED, _COUNT_FORMATS)
+            layout = struct.Struct(formats[arg.name])
+            entry = (op.name, kind, layout, arg.name, layout.size)
         else:  # the text forms of protocol 0
-            entry = (op.name, _TWO_LINES if arg.name == "stringnl_noescape_pair" else _LINE, None, arg.name)
+            entry = (op.name, _TWO_LINES if arg.name == "stringnl_noescape_pair" else _LINE, None, arg.name, 0)
         table[ord(op.code)] = entry
     return table
 
 
 _OPCODES = _opcode_table()
+_STOP = ord(pickle.STOP)
 
 
 def walk_opcodes(
@@ -119,26 +122,27 @@ def walk_opcodes(
     end = len(data)
     pos = 0
     table = _OPCODES
-    action_for = actions.get
+    acts = [None if entry is None else actions.get(entry[0], default) for entry in table]  # by opcode byte
     while pos < end:
-        entry = table[data[pos]]
+        code = data[pos]
+        entry = table[code]
         if entry is None:
-            raise ValueError(f"unknown opcode {data[pos]:#04x} at byte {pos}")
-        name, kind, layout, arg_name = entry
+            raise ValueError(f"unknown opcode {code:#04x} at byte {pos}")
+        name, kind, layout, arg_name, size = entry
         at = pos
         pos += 1
-        if kind == _NO_ARG:
-            arg = None
-        elif kind == _FIXED:
-            if pos + layout.size > end:
+        if kind == _FIXED:  # the most frequent: memo indices and small ints
+            if pos + size > end:
                 raise ValueError(f"{name} at byte {at} is cut short")
             arg = layout.unpack_from(data, pos)[0]
-            pos += layout.size
+            pos += size
+        elif kind == _NO_ARG:
+            arg = None
         elif kind == _COUNTED:
-            if pos + layout.size > end:
+            if pos + size > end:
                 raise ValueError(f"{name} at byte {at} is cut short")
             count = layout.unpack_from(data, pos)[0]
-            pos += layout.size
+            pos += size
             if count < 0 or count > end - pos:
                 raise ValueError(
                     f"expected {count} bytes in a {arg_name} at byte {at}, but only {end - pos} remain"
@@ -167,8 +171,8 @@ def walk_opcodes(
                 arg = str(lines[0], "utf-8", "replace")
             else:
                 arg = lines[0]
-        (action_for(name) or default)(name, arg)
-        if name == "STOP":
+        acts[code](name, arg)
+        if code == _STOP:
             return
     raise ValueError("pickle exhausted before seeing STOP")
 
@@ -204,11 +208,14 @@ _HASHING_CALLS = {
     "collections OrderedDict",
 }
 _ATOM_OPS = {
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
-    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER", "NONE", "NEWTRUE", "NEWFALSE",
-    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT", "PERSID", "EXT1", "EXT2",
-    "EXT4",
+    "INT", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8",
+    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "PERSID",
 }
+#: Atoms that weigh 1 whatever their argument: ints of at most 32 bits, floats, None, booleans, buffers, extension
+#: codes (EXT*: refused by a screen, weighed like a global otherwise).
+_UNIT_OPS = {"BININT", "BININT1", "BININT2", "NONE", "NEWTRUE", "NEWFALSE", "BINFLOAT", "NEXT_BUFFER", "EXT1", "EXT2",
+             "EXT4"}
 
 
 class _Machine:
@@ -222,6 +229,7 @@ class _Machine:
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
         self.hashing = 0
+        self.unit = _Node(1)
 
     # stack helpers -------------------------------------------------------------------------------------------
     def pop(self) -> Any:
@@ -289,6 +297,11 @@ class _Machine:
                 return
             raise CorruptBundleError(f"{self.member} uses the unknown pickle opcode {name}")
         handler(self, name, arg)
+
+    def _unit_atom(self, name: str, arg: Any) -> None:
+        # small ints, floats, None, booleans: one shared weight-1 node per run (atoms are never grown; a malformed
+        # pickle that grows one only makes every atom weigh more)
+        self.stack.append(self.unit)
 
     def _atom(self, name: str, arg: Any) -> None:
         kind = type(arg)
@@ -443,6 +456,7 @@ class _Machine:
 #: Opcode name -> the :class:`_Machine` method applying it (PROTO, FRAME and STOP change nothing).
 _STEPS: dict[str, Callable[[_Machine, str, Any], None]] = {
     **dict.fromkeys(_ATOM_OPS, _Machine._atom),
+    **dict.fromkeys(_UNIT_OPS, _Machine._unit_atom),
     **dict.fromkeys(("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"), _Machine._empty_container),
     "EMPTY_TUPLE": _Machine._empty_tuple,
     **dict.fromkeys(("TUPLE1", "TUPLE2", "TUPLE3"), _Machine._small_tuple),
