@@ -485,3 +485,35 @@ def test_malformed_persistent_ids_are_refused(persistent_id):
     )
     with pytest.raises(CorruptBundleError, match=r"m\.pth holds the (persistent id|malformed storage id)"):
         torch_load(crafted, "m.pth")
+
+
+def test_channels_last_copies_are_what_module_to_gives_on_two_threads(monkeypatch):
+    """The NHWC default's weights: every 4-D tensor as ``.to(memory_format=channels_last)`` gives it (strides too,
+    including the ambiguous one-channel kernels), the rest the same objects, the order kept; half the bytes are
+    copied on a worker thread."""
+    import threading
+
+    from mlflow_ptycho_flavor.bundle import io as bundle_io
+
+    generator = torch.Generator().manual_seed(3)
+    state = OrderedDict(
+        big=torch.randn(256, 256, 3, 3, generator=generator),
+        one_channel=torch.randn(64, 1, 3, 3, generator=generator),
+        bias=torch.randn(256, generator=generator),
+        other=torch.randn(128, 256, 3, 3, generator=generator),
+    )
+    threads = []
+    start = threading.Thread.start
+
+    def counting_start(self):
+        threads.append(self.name)
+        start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    copies = bundle_io._channels_last_copies(state)
+    assert list(copies) == list(state) and threads == ["ptycho-nhwc-copy"]
+    assert copies["bias"] is state["bias"]
+    for key in ("big", "one_channel", "other"):
+        expected = state[key].to(memory_format=torch.channels_last)
+        assert copies[key].stride() == expected.stride() and torch.equal(copies[key], expected), key
+        assert copies[key].data_ptr() != state[key].data_ptr()
