@@ -325,37 +325,32 @@ def _nonfinite_count(key: str, flat: torch.Tensor) -> str:
 
 
 def check_finite_weights(state_dict: Mapping[str, Any], member: str) -> None:
-    """Refuse NaN or infinite weights, real or complex (each storage view is scanned once).
+    """Refuse NaN or infinite weights, real or complex.
 
     Such a network predicts NaN/inf for every input; refusing names the keys instead of failing later in serving.
     A tensor whose sum is finite holds no NaN or infinity (either would make the sum non-finite), so genuine
-    weights cost one reduction; only a non-finite sum (NaN/inf present, or finite values overflowing) is counted
-    exactly, in chunks, so the temporary masks stay small whatever the tensor size. Run after :func:`check_fits`
-    when loading, so only tensors of the expected dtypes reach the scan.
+    weights cost one reduction each; only a non-finite sum (NaN/inf present, or finite values overflowing) is
+    counted exactly, in chunks, so the temporary masks stay small whatever the tensor size. Run after
+    :func:`check_fits` when loading, so only the expected keys, shapes and dtypes reach the scan (the work is what
+    the network's own weights cost).
 
     Raises:
         NonFiniteWeightsError: naming the first offending keys and how many values each holds.
     """
-    seen: set[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = set()
     sums: dict[torch.dtype, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
     for key, tensor in dict.items(state_dict):
         if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
             continue
-        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if view in seen:
-            continue
-        seen.add(view)
-        flat = tensor.detach().reshape(-1)
-        total = flat.sum()
-        sums.setdefault(total.dtype, []).append((key, flat, total))
+        total = tensor.detach().sum()
+        sums.setdefault(total.dtype, []).append((key, tensor, total))
     offenders = []
     for group in sums.values():
         # one finiteness test per dtype for all the sums; the per-tensor count only where one is not finite
         if bool(torch.isfinite(torch.stack([total for _, _, total in group])).all()):
             continue
-        for key, flat, total in group:
+        for key, tensor, total in group:
             if not bool(torch.isfinite(total)):
-                offenders.append(_nonfinite_count(key, flat))
+                offenders.append(_nonfinite_count(key, tensor.detach().reshape(-1)))
     offenders = [text for text in offenders if text]
     if offenders:
         raise NonFiniteWeightsError(
