@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mlflow_ptycho_flavor.errors import PredictionInputError
-from mlflow_ptycho_flavor.model.stitching import Weighting, _as_patches, _as_positions, _check_crop, _weight_window
+from mlflow_ptycho_flavor.model.stitching import Weighting, check_count, check_patch_inputs
 
 __all__ = ["probe_weights", "align_patch_phases", "DEFAULT_WEIGHT_FLOOR", "DEFAULT_MAX_OVERLAP_PAIRS"]
 
@@ -166,6 +166,14 @@ def _spanning_tree_phases(m: int, first: np.ndarray, second: np.ndarray, corr: n
     return phasors
 
 
+def _complex_single_channel(patches: np.ndarray) -> None:
+    if patches.ndim != 3 or not np.issubdtype(patches.dtype, np.complexfloating):
+        raise PredictionInputError(
+            f"patches: shape {patches.shape} and dtype {patches.dtype}; phase alignment takes complex (M, N, N) "
+            "gridsize-1 patches (drop the channel axis: patches[:, 0])."
+        )
+
+
 def align_patch_phases(
     patches: Any,
     positions: Any,
@@ -201,20 +209,10 @@ def align_patch_phases(
         PredictionInputError: bad patches, positions, weighting or crop (the messages of ``stitch_patches``), an
             ``iterations`` that is not a non-negative integer, or more than ``max_pairs`` overlapping pairs.
     """
-    arr = _as_patches(patches)
-    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.complexfloating):
-        raise PredictionInputError(
-            f"patches: shape {arr.shape} and dtype {arr.dtype}; phase alignment takes complex (M, N, N) gridsize-1 "
-            "patches (drop the channel axis: patches[:, 0])."
-        )
-    pos = _as_positions(positions, arr.shape)
-    n = arr.shape[-1]
-    crop = _check_crop(crop_size, n)
-    weight_full = _weight_window(weighting, n)
-    if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 0:
-        raise PredictionInputError(f"iterations: {iterations!r} is not a non-negative integer; pass e.g. 200.")
-    if isinstance(max_pairs, bool) or not isinstance(max_pairs, (int, np.integer)) or max_pairs < 1:
-        raise PredictionInputError(f"max_pairs: {max_pairs!r} is not a positive integer; pass e.g. 2_000_000.")
+    inputs = check_patch_inputs(patches, positions, crop_size, weighting, require=_complex_single_channel)
+    arr, pos, n, crop, weight_full = inputs.patches, inputs.positions, inputs.N, inputs.crop, inputs.weight
+    iterations = check_count("iterations", iterations, minimum=0, example="200")
+    max_pairs = check_count("max_pairs", max_pairs, minimum=1, example="2_000_000")
 
     m = arr.shape[0]
     start = n // 2 - crop // 2

@@ -44,6 +44,9 @@ from mlflow_ptycho_flavor.errors import PredictionInputError
 
 __all__ = [
     "StitchResult",
+    "PatchInputs",
+    "check_patch_inputs",
+    "check_count",
     "stitch_patches",
     "stitch_patches_from_coords",
     "crop_to_object",
@@ -108,6 +111,54 @@ class StitchResult:
 # ----------------------------------------------------------------------------------------------------------------
 # validation helpers
 # ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchInputs:
+    """Validated inputs of the patch reassemblers (:func:`stitch_patches`, ``align_patch_phases``).
+
+    Attributes:
+        patches: ``(M, N, N)`` or ``(M, C, N, N)``, complex or real floating, finite.
+        positions: float64 ``(M, 2)`` or ``(M, C, 2)`` centres, finite.
+        N: the patch side.
+        crop: the central window kept of each patch (default ``N // 2``).
+        weight: float64 ``(N, N)`` per-patch weight, before cropping.
+    """
+
+    patches: np.ndarray
+    positions: np.ndarray
+    N: int
+    crop: int
+    weight: np.ndarray
+
+
+def check_patch_inputs(
+    patches: Any, positions: Any, crop_size: int | None, weighting: Weighting, *, require: Any = None
+) -> PatchInputs:
+    """Validate what every patch reassembler takes, in one order (patches, ``require``, positions, crop, weighting).
+
+    Args:
+        patches, positions, crop_size, weighting: as :func:`stitch_patches` takes them.
+        require: an extra check of the patches array (it raises :class:`PredictionInputError`), run before the
+            positions are read against the patches' shape.
+
+    Raises:
+        PredictionInputError: the first bad input, naming it and the fix.
+    """
+    arr = _as_patches(patches)
+    if require is not None:
+        require(arr)
+    pos = _as_positions(positions, arr.shape)
+    n = arr.shape[-1]
+    return PatchInputs(arr, pos, n, _check_crop(crop_size, n), _weight_window(weighting, n))
+
+
+def check_count(name: str, value: Any, *, minimum: int, example: str) -> int:
+    """``value`` as an int of at least ``minimum`` (a bool is not a count), else a :class:`PredictionInputError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+        raise PredictionInputError(f"{name}: {value!r} is not a {kind} integer; pass e.g. {example}.")
+    return int(value)
 
 
 def _as_patches(patches: Any) -> np.ndarray:
@@ -408,13 +459,9 @@ def stitch_patches(
             ``max_canvas_pixels``.
     """
     limit = _check_limit(max_canvas_pixels)
-    arr = _as_patches(patches)
-    pos = _as_positions(positions, arr.shape)
-    n = arr.shape[-1]
-    crop = _check_crop(crop_size, n)
-    weight_full = _weight_window(weighting, n)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise PredictionInputError(f"chunk_size: {chunk_size!r} is not a positive integer; pass e.g. 256.")
+    inputs = check_patch_inputs(patches, positions, crop_size, weighting)
+    arr, pos, n, crop, weight_full = inputs.patches, inputs.positions, inputs.N, inputs.crop, inputs.weight
+    check_count("chunk_size", chunk_size, minimum=1, example="256")
 
     # One patch per position; the canvas is checked before anything else is allocated.
     flat_pos = _flat_positions(pos, arr.ndim)
