@@ -294,23 +294,6 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
 _DIGEST_CHUNK = 1 << 20
 
 
-def _early_weights_digest(reader: ArchiveReader, manifest: Mapping[str, Any], name: str) -> "_MemberDigest | None":
-    """The integrity checks of a stored ``model.pth``, started as soon as the manifest is known, so that they run
-    beside the decoding of the params and the metadata as well as the weights'; None where the member is not a
-    stored one that opens (deflated, absent, damaged: the reader then meets it in its usual place and order).
-
-    A stored member's caps do not depend on the network it holds (its compression ratio is 1), so the view opened
-    here is the one the weights are read through later.
-    """
-    if name not in reader or not reader.stored(name):
-        return None
-    try:
-        view = reader.view(name)
-    except BundleError:
-        return None
-    return _MemberDigest(reader, manifest, name, view) if view is not None else None
-
-
 def _view_chunks(view: MemberView, size: int) -> Iterator[memoryview]:
     """The view's bytes in order, ``size`` at a time, read into one reused buffer (no allocation per chunk)."""
     buffer = memoryview(bytearray(min(size, max(view.size, 1))))
@@ -338,7 +321,6 @@ class _MemberDigest:
     ) -> None:
         self.name = name
         self.reader = reader
-        self.view = data  # what is checked; the decoder reads the same object
         self.expected_sha256: str | None = (manifest.get("sha256") or {}).get(name)
         self.expected_crc = reader.crc(name) if reader.stored(name) else None  # deflated: zipfile checked it
         self._data: bytes | MemberView | None = data
@@ -424,11 +406,8 @@ def read_bundle(
     archive = resolve_bundle_path(path)
     scan = not unsafe_loading_allowed(allow_unsafe)  # same opt-in as the .dill members
     reader = ArchiveReader(archive, limits)
-    weights_member = f"{INFERENCE_MODEL}/model.pth"
-    early: _MemberDigest | None = None
     try:
         manifest = _decode_manifest(reader, allow_unsafe)
-        early = _early_weights_digest(reader, manifest, weights_member)
         verified: list[str] = []
         snapshots: list[tuple[str, bytes, dict]] = []
         for model in manifest["models"]:
@@ -476,19 +455,17 @@ def read_bundle(
             with config_errors(first_member):
                 network_config = network_config_from_params(params, legacy_scaling=legacy_scaling)
             check_input_scale(network_config, first_member)
+        weights_member = f"{INFERENCE_MODEL}/model.pth"
         # What the configured network's weights need decides how far model.pth may inflate (outer and nested zip),
         # never past the per-member cap.
         layout = network_layout(network_config)
         genuine = min(layout.genuine_file_bytes, limits.max_member_bytes)
         # A stored model.pth is read by torch straight from the file; a deflated one is inflated into memory first.
-        if early is not None:
-            digest, weights = early, early.view
-        else:
-            weights = reader.view(weights_member, genuine_bytes=genuine)
-            if weights is None:
-                weights = reader.read(weights_member, genuine_bytes=genuine, verify_crc=False)
-            digest = _MemberDigest(reader, manifest, weights_member, weights)
+        weights = reader.view(weights_member, genuine_bytes=genuine)
+        if weights is None:
+            weights = reader.read(weights_member, genuine_bytes=genuine, verify_crc=False)
         weights_size = reader.size(weights_member)
+        digest = _MemberDigest(reader, manifest, weights_member, weights)
         try:
             state_dict = torch_load(weights, weights_member, scan=scan, max_inflated_bytes=max(weights_size, genuine))
             check_state_dict_values(state_dict, weights_member)
@@ -508,8 +485,6 @@ def read_bundle(
                 _verify_hash(manifest, name, reader.read(name), verified)
         member_sizes = {name: reader.size(name) for name in reader.names}
     finally:
-        if early is not None:
-            early.wait()  # a failure before the weights were decoded: the worker still reads the file
         reader.close()
     return BundleContents(
         path=archive,
