@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mlflow_ptycho_flavor.errors import PredictionInputError, PtychoFlavorError
+from mlflow_ptycho_flavor.model.inference import INPUT_KINDS
 
 __all__ = ["main", "build_parser", "interpreter_env"]
 
@@ -552,8 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rows per pyfunc call (spark.sql.execution.arrow.maxRecordsPerBatch) and network chunk")
     spark.add_argument("--normalize", default="none", choices=["none", "dataset"],
                        help="dataset: upstream's normalization factor over the whole NPZ (computed on the driver)")
-    spark.add_argument("--input-kind", default="amplitude", choices=["amplitude", "intensity"],
-                       help="intensity: the patterns are raw counts (square-rooted before the network)")
+    spark.add_argument("--input-kind", default="amplitude", choices=list(INPUT_KINDS),
+                       help="counts: photon counts as ptychodus stores them (whole numbers); intensity: any "
+                            "non-negative intensities; both are square-rooted before the network")
     spark.add_argument("--env-manager", default="local", choices=["local", "virtualenv", "uv", "conda"],
                        help="local: executors use this Python environment; otherwise MLflow rebuilds the model's")
     spark.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -205,6 +205,27 @@ def test_batch_inference_npz_to_parquet(spark, model_uri, pyfunc_model, inputs, 
         run_batch_inference(model_uri, tmp_path / "scan.npz", output, spark=spark)
 
 
+def test_batch_inference_takes_photon_counts_from_the_command_line(spark, model_uri, pyfunc_model, inputs, tmp_path):
+    """``spark-predict --input-kind counts``: ptychodus-style whole-number counts, square-rooted in the UDF, give
+    what the pyfunc model gives for the same counts."""
+    import pyarrow.parquet as pq
+
+    from mlflow_ptycho_flavor.sim.dataset import PtychoDataset, save_npz
+
+    amplitudes, _ = inputs
+    counts = np.rint((amplitudes[:10] * 6.0) ** 2).astype(np.float32)
+    dataset = PtychoDataset(diff3d=counts, xcoords=np.arange(10.0), ycoords=np.arange(10.0),
+                            probeGuess=np.ones((N, N), np.complex64))
+    save_npz(dataset, tmp_path / "counts.npz")
+    output = tmp_path / "out.parquet"
+    assert cli.main(["spark-predict", model_uri, str(tmp_path / "counts.npz"), str(output), "--master", "local[2]",
+                     "--input-kind", "counts"]) == 0
+    table = pq.read_table(output).sort_by("index")
+    want = pyfunc_model.predict(counts, params={"input_kind": "counts"}).reshape(10, -1)
+    for name, part in (("real", want.real), ("imag", want.imag)):
+        np.testing.assert_allclose(np.stack(table.column(name).to_numpy(zero_copy_only=False)), part, rtol=0, atol=ATOL)
+
+
 def test_batch_inference_parquet_layout(spark, model_uri, inputs, reference, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -87,7 +87,8 @@ def run_batch_inference(
         batch_size: rows per Arrow batch / pyfunc call (``spark.sql.execution.arrow.maxRecordsPerBatch``) and
             network chunk; restored afterwards.
         normalize: ``"dataset"`` computes upstream's factor over the whole NPZ on the driver (NPZ input only).
-        input_kind: ``"amplitude"`` or ``"intensity"`` (raw counts; square-rooted in the UDF).
+        input_kind: ``"amplitude"``, ``"counts"`` (photon counts, whole numbers, as ptychodus stores them) or
+            ``"intensity"`` (any non-negative intensities); the last two are square-rooted in the UDF.
         overwrite: replace an existing output.
         spark_conf: extra settings for a session started here.
 
