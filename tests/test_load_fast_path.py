@@ -437,6 +437,18 @@ def test_big_endian_storages_are_byteswapped_like_torch_load_does():
         assert torch.equal(ours[key], tensor) and torch.equal(reference[key], tensor), key
 
 
+def test_a_file_without_byteorder_record_is_read_as_little_endian_like_torch_load():
+    """Files from torch < 1.10 carry no byteorder record; torch.load then takes the storages as little-endian."""
+    state = OrderedDict(w=torch.randn(3, 4), i=torch.arange(5, dtype=torch.int32))
+    raw = _rewrite_records(torch_bytes(state), lambda name, data: None if name.endswith("/byteorder") else
+                           (data, zipfile.ZIP_STORED))
+    assert not any(name.endswith("/byteorder") for name in zipfile.ZipFile(io.BytesIO(raw)).namelist())
+    reference = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    ours = torch_load(raw, "m.pth")
+    for key in state:
+        assert torch.equal(ours[key], reference[key]), key
+
+
 def test_deflated_storage_records_are_left_to_torch_load():
     """Not what torch.save writes, but a valid torch file: storages are then decoded by torch's reader."""
     state = OrderedDict(w=torch.zeros(64, 64), b=torch.ones(64))

@@ -340,11 +340,7 @@ class MemberView(io.RawIOBase):
         return data
 
     def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        count = max(0, min(len(target), self._size - self._position))
-        if not count:
-            return 0
-        received = os.preadv(self._fd, [target[:count]], self._start + self._position)  # straight into the buffer
+        received = self.readinto_at(buffer, self._position)
         self._position += received
         return received
 

@@ -602,14 +602,15 @@ class _StorageFile:
         self._spans = spans
         self._member = member
         self._storages: dict[str, torch.storage.TypedStorage] = {}
-        order = self.record(f"{prefix}byteorder")
-        self._swap = order is not None and order != sys.byteorder
+        self._swap = self._byteorder() != sys.byteorder
 
-    def record(self, name: str) -> str | None:
-        """A small text record (``byteorder``), or None when absent."""
+    def _byteorder(self) -> str:
+        """The order the storages were written in: the ``byteorder`` record (``"little"`` or ``"big"``), or
+        ``"little"`` when the file has none, as ``torch.load`` assumes."""
+        name = f"{self._prefix}byteorder"
         span = self._spans.get(name)
         if span is None:
-            return None
+            return "little"
         if span.size > 16:
             raise CorruptBundleError(f"{self._member}: the record {short_repr(name)} holds {span.size} bytes, not a word")
         text = bytes(self._read(span, span.size)).decode("ascii", "replace").strip()
