@@ -165,6 +165,27 @@ def test_quick_run_section_records(quick_run):
     assert len(loads) == 8 and len(_records(data, "load", "LoadComparison")) == 6
     assert all(_positive(r["time"]["median"]) for r in loads)
     assert _records(data, "load", "ProfileEntry") and _records(data, "load", "LoadPhase")
+    costs = {r["part"].split(" (")[0].split(":")[0]: r for r in _records(data, "load", "CheckCost")}
+    assert set(costs) == {"mlflow.pytorch.load_model", "load_torch_bundle", "pickle structure scans of its 6 pickles",
+                          "sha256 + CRC-32 of model.pth", "finite check of its 63 weights"}, sorted(costs)
+    assert all(_positive(r["time"]["median"]) for r in costs.values())
+    scans, finite = costs["pickle structure scans of its 6 pickles"], costs["finite check of its 63 weights"]
+    assert scans["time"]["median"] + finite["time"]["median"] < costs["load_torch_bundle"]["time"]["median"]
+    load_checks = {c["what"].split(",")[0]: c for s in data["sections"] if s["key"] == "load" for c in s["checks"]}
+    less = load_checks["load_torch_bundle less its main-thread checks (scans"]
+    assert less["met"] is None and 0 < less["value"] < costs["load_torch_bundle"]["vs_pickle"]["high"], less
+
+    # the CPU default layout against eager on every fixture bundle, each family present, met exactly when within 1e-5
+    agreement = _records(data, "predict", "FixtureAgreement")
+    families = {r["fixture"].split("/")[0] for r in agreement}
+    assert families == {"checkpoints", "tensorflow", "upstream", "upstream_fno", "demo_bundle"}, families
+    for row in agreement:
+        assert math.isfinite(row["default_vs_eager"]) and row["met"] == (row["default_vs_eager"] <= 1e-5), row
+        assert (row["eager_vs_float64"] is None) == row["fixture"].startswith("upstream_fno/"), row
+    summary = next(c for s in data["sections"] if s["key"] == "predict" for c in s["checks"]
+                   if c["what"].startswith("default CPU layout vs eager on every fixture bundle"))
+    assert summary["value"] == max(r["default_vs_eager"] for r in agreement)
+    assert summary["met"] == all(r["met"] for r in agreement), summary
 
     served = _records(data, "serving", "ServedLoad")
     assert {r["server"] for r in served} == {"ours", "mlflow.pytorch"}
