@@ -529,3 +529,45 @@ def test_channels_last_copies_are_what_module_to_gives_on_two_threads(monkeypatc
         expected = state[key].to(memory_format=torch.channels_last)
         assert copies[key].stride() == expected.stride() and torch.equal(copies[key], expected), key
         assert copies[key].data_ptr() != state[key].data_ptr()
+
+
+def test_digest_chunks_cover_the_member_exactly(tmp_path):
+    """The worker hashes a stored member in chunks read into one reused buffer: together they are the member's
+    bytes, in order, whatever the remainder."""
+    from mlflow_ptycho_flavor.bundle.archive import MemberView
+    from mlflow_ptycho_flavor.bundle.io import _view_chunks
+
+    payload = os.urandom(3 * 4096 + 17)
+    path = tmp_path / "blob"
+    path.write_bytes(b"head" + payload + b"tail")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = MemberView(fd, 4, len(payload))
+        for size in (4096, 5000, len(payload), 1 << 22):
+            assert b"".join(bytes(chunk) for chunk in _view_chunks(view, size)) == payload, size
+    finally:
+        os.close(fd)
+
+
+def test_damage_in_any_digest_chunk_of_a_large_member_is_found(tmp_path):
+    """A stored model.pth several digest chunks long (9 MB of weights): a flipped byte in the first, a middle or the
+    last chunk fails the manifest's sha256, and the intact file loads."""
+    from conftest import make_perturbed_network
+
+    from mlflow_ptycho_flavor.bundle import io as bundle_io
+
+    path = save_torch_bundle(make_perturbed_network(seed=5, N=64, n_filters_scale=2), tmp_path / "wts.h5.zip")
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(WEIGHTS)
+    assert info.compress_type == zipfile.ZIP_STORED and info.file_size > 2 * bundle_io._DIGEST_CHUNK
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    load_torch_bundle(path, device="cpu", restore_params=False)
+    for offset in (100, info.file_size // 2, info.file_size - 100):
+        damaged = bytearray(raw)
+        damaged[start + offset] ^= 0x01
+        target = tmp_path / f"damaged_{offset}" / "wts.h5.zip"
+        target.parent.mkdir()
+        target.write_bytes(bytes(damaged))
+        with pytest.raises(CorruptBundleError, match=rf"'{WEIGHTS}' does not match the sha256 recorded in manifest"):
+            read_bundle(target)

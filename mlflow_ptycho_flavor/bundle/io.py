@@ -289,9 +289,13 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
     verified.append(name)
 
 
-#: Bytes hashed per read on the worker thread, into one reused buffer (a fresh 1 MiB per read would cost page
-#: faults comparable to the hashing).
-_DIGEST_CHUNK = 1 << 20
+#: Bytes hashed per read on the worker thread, into one reused buffer (a fresh buffer per read would cost page
+#: faults comparable to the hashing). Each read, sha256 update and CRC update hands the GIL back and forth with the
+#: loading thread, which holds it while it runs Python (the pickle scans) until the switch interval forces it off:
+#: fewer, larger chunks spend less time waiting for it, a larger buffer more time faulting its pages in. 4 MiB was
+#: the fastest whole load of 1, 2, 3, 4, 6 and 8 MiB on the benchmark bundle (9 MB of weights; ~13% faster than
+#: 1 MiB), for at most 4 MiB more peak memory (benchmarks/RESULTS.md §2 and §4).
+_DIGEST_CHUNK = 4 << 20
 
 
 def _view_chunks(view: MemberView, size: int) -> Iterator[memoryview]:
