@@ -12,6 +12,8 @@ import io
 import os
 import pickle
 import pickletools
+import struct
+import sys
 import threading
 import zipfile
 from collections import OrderedDict
@@ -27,7 +29,8 @@ from mlflow_ptycho_flavor import load_torch_bundle, save_torch_bundle
 from mlflow_ptycho_flavor.bundle.budget import iter_opcodes, scan_pickle_structure
 from mlflow_ptycho_flavor.bundle.identify import ArtifactKind, identify_artifact
 from mlflow_ptycho_flavor.bundle.io import read_bundle
-from mlflow_ptycho_flavor.bundle.unpickle import _allow_list_pickle_module, torch_load
+from mlflow_ptycho_flavor.bundle.archive import check_nested_zip
+from mlflow_ptycho_flavor.bundle.unpickle import _StorageFile, _allow_list_pickle_module, torch_load
 from mlflow_ptycho_flavor.errors import BundleError, CorruptBundleError, UnsafeBundleError
 from mlflow_ptycho_flavor.network import (
     NetworkConfig,
@@ -447,6 +450,13 @@ def test_a_file_without_byteorder_record_is_read_as_little_endian_like_torch_loa
     ours = torch_load(raw, "m.pth")
     for key in state:
         assert torch.equal(ours[key], reference[key]), key
+    # the order it assumes, whatever the host's: on a big-endian host these storages are byteswapped, as torch does
+    spans = check_nested_zip(raw, "m.pth", max_inflated_bytes=len(raw), max_entries=64)
+    prefix = next(name for name in spans if name.endswith("/data.pkl"))[: -len("data.pkl")]
+    assert _StorageFile(raw, prefix, spans, "m.pth")._byteorder() == "little"
+    with_record = torch_bytes(state)
+    spans = check_nested_zip(with_record, "m.pth", max_inflated_bytes=len(with_record), max_entries=64)
+    assert _StorageFile(with_record, prefix, spans, "m.pth")._byteorder() == sys.byteorder
 
 
 def test_deflated_storage_records_are_left_to_torch_load():
@@ -545,6 +555,7 @@ def test_digest_chunks_cover_the_member_exactly(tmp_path):
         view = MemberView(fd, 4, len(payload))
         for size in (4096, 5000, len(payload), 1 << 22):
             assert b"".join(bytes(chunk) for chunk in _view_chunks(view, size)) == payload, size
+        assert list(_view_chunks(MemberView(fd, 4, 0), 4096)) == []  # an empty member: nothing to hash
     finally:
         os.close(fd)
 
@@ -561,7 +572,8 @@ def test_damage_in_any_digest_chunk_of_a_large_member_is_found(tmp_path):
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(WEIGHTS)
     assert info.compress_type == zipfile.ZIP_STORED and info.file_size > 2 * bundle_io._DIGEST_CHUNK
-    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    name_length, extra_length = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length  # the local header's own lengths
     load_torch_bundle(path, device="cpu", restore_params=False)
     for offset in (100, info.file_size // 2, info.file_size - 100):
         damaged = bytearray(raw)

@@ -86,62 +86,62 @@ class CheckCost:
     vs_pickle: Ratio = column("vs mlflow.pytorch.load_model (pickle) [per-repeat range]")
 
 
-def bundle_pickles(bundle: Any) -> dict[str, bytes]:
-    """Every pickle ``load_torch_bundle`` scans: the ``.dill`` members and each torch member's ``data.pkl``."""
+def scanned_pickles(bundle: Any) -> dict[str, bytes]:
+    """The pickles ``load_torch_bundle`` scans, by name: ``manifest.dill``, the ``params.dill`` members (a second one
+    with the same bytes as the first is not decoded again) and the ``data.pkl`` of ``diffraction_to_obj/model.pth``
+    and ``torch_scaling_metadata.pt`` (``autoencoder/model.pth`` is hashed, never unpickled)."""
     import io
     import zipfile
 
-    pickles = {}
+    pickles: dict[str, bytes] = {}
     with zipfile.ZipFile(bundle) as outer:
         for name in outer.namelist():
             raw = outer.read(name)
-            if name.endswith(".dill"):
+            if name.endswith(".dill") and raw not in pickles.values():
                 pickles[name] = raw
-            elif raw.startswith(b"PK"):
+            elif name in ("diffraction_to_obj/model.pth", "torch_scaling_metadata.pt"):
                 with zipfile.ZipFile(io.BytesIO(raw)) as inner:
-                    pickled = [record for record in inner.namelist() if record.endswith("/data.pkl")]
-                    pickles[f"{name} ({pickled[0]})"] = inner.read(pickled[0])
+                    record = next(entry for entry in inner.namelist() if entry.endswith("/data.pkl"))
+                    pickles[f"{name} ({record})"] = inner.read(record)
     return pickles
 
 
 def measure_check_costs(ctx: Context, model_set: ModelSet, repeats: int) -> tuple[list[CheckCost], Ratio]:
     """What the reader's checks cost next to the pickle format's whole load (the profile behind a missed target).
 
-    Each check runs on its own on the bundle's own bytes, interleaved with both whole loads. Returns the rows and
-    ``(load_torch_bundle - scans - finite check) / pickle`` repeat by repeat: what the load would cost without the
-    two checks that run on its main thread (the digests run on a worker thread beside them).
+    Each check runs on its own on the bundle's own bytes, as the load runs it, interleaved with both whole loads.
+    Returns the rows and ``(load_torch_bundle - scans - finite check) / pickle`` repeat by repeat: what the load
+    would cost without the two checks that run on its main thread (the digests run on a worker thread beside them).
     """
     import hashlib
     import zipfile
     import zlib
 
-    import mlflow.pytorch
-
-    from mlflow_ptycho_flavor import load_torch_bundle, read_bundle
+    from mlflow_ptycho_flavor import read_bundle
     from mlflow_ptycho_flavor.bundle.budget import scan_pickle_structure
     from mlflow_ptycho_flavor.bundle.compat import check_finite_weights
+    from mlflow_ptycho_flavor.bundle.unpickle import _scan_torch_pickle
 
-    device = ctx.cfg.device
-    pickles = bundle_pickles(model_set.bundle)
+    pickles = scanned_pickles(model_set.bundle)
     with zipfile.ZipFile(model_set.bundle) as outer:
         weights = outer.read("diffraction_to_obj/model.pth")
     state_dict = read_bundle(model_set.bundle).state_dict
+    loads = candidates(ctx, model_set)
 
     def scans() -> None:
         for name, data in pickles.items():
-            scan_pickle_structure(data, name, screen=lambda opcode, arg: None)
+            if name.endswith(".dill"):
+                scan_pickle_structure(data, name)  # what safe_loads runs before its restricted unpickler
+            else:
+                _scan_torch_pickle(data, name)  # the structure scan with the torch allow-list screen
 
     def digests() -> None:
         hashlib.sha256(weights).hexdigest()
         zlib.crc32(weights)
 
-    def pickle_load() -> Any:
-        with env_var(PICKLE_ENV, "true"):
-            return mlflow.pytorch.load_model(str(model_set.pickle_dir), device=device)
-
     parts = {
-        "mlflow.pytorch.load_model (pickle): the whole load": pickle_load,
-        "load_torch_bundle: the whole load": lambda: load_torch_bundle(model_set.bundle, device=device),
+        "mlflow.pytorch.load_model (pickle): the whole load": loads["mlflow.pytorch.load_model (pickle)"],
+        "load_torch_bundle: the whole load": loads["load_torch_bundle"],
         f"pickle structure scans of its {len(pickles)} pickles ({sum(map(len, pickles.values()))} bytes; main "
         "thread)": scans,
         f"sha256 + CRC-32 of model.pth ({len(weights)} bytes; on a worker thread during the load)": digests,

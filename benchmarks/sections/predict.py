@@ -24,7 +24,8 @@ from benchmarks.records import Check, ProfileEntry, Ratio, RecordTable, SectionR
 from benchmarks.report import fmt_target, fmt_time
 
 __all__ = ["KEY", "TITLE", "CPU_THROUGHPUT_TARGET", "THROUGHPUT_TARGET", "OVERHEAD_TARGET", "AGREEMENT_TARGET",
-           "PredictComparison", "LayerOverhead", "FixtureAgreement", "fixture_bundles", "fixture_agreement", "run"]
+           "PredictComparison", "LayerOverhead", "FixtureAgreement", "LayoutOp", "fixture_bundles", "fixture_inputs",
+           "fixture_agreement", "layout_op_profile", "run"]
 
 KEY = "predict"
 TITLE = "1. Predict: mlflow.pyfunc predict vs the raw network"
@@ -35,7 +36,8 @@ THROUGHPUT_TARGET = Target(low=0.95)
 #: The default (NHWC) output against the contiguous eager output on every fixture bundle: max |difference| over the
 #: output's scale, max(1, max |eager|) (issue 17: "within 1e-5 of eager on every fixture").
 AGREEMENT_TARGET = Target(high=1e-5, unit="")
-#: The repository's fixture bundles: files written by upstream's own code, copied for the tests (tests/data/README.md).
+#: The repository's fixture bundles: files written by upstream's own code (torch bundles, TensorFlow archives, a
+#: checkpoint's bundle), kept with the tests; the demo bundle is the package's own.
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "data"
 #: The batch-1 pyfunc overhead (forward stubbed) as a share of a real batch-1 forward.
 OVERHEAD_TARGET = Target(high=0.05, unit="%")
@@ -79,7 +81,7 @@ class FixtureAgreement:
 
     fixture: str = column("fixture bundle", "code")
     inputs: str = column("inputs")
-    scale: float = column("max |eager|", "g")
+    max_abs_eager: float = column("max |eager|", "g")
     default_vs_eager: float = column("max |default − eager| / scale", "g")
     eager_vs_float64: float | None = column("max |eager − float64| / scale", "g")
     default_vs_float64: float | None = column("max |default − float64| / scale", "g")
@@ -96,10 +98,12 @@ def fixture_bundles(root: Path = FIXTURES) -> list[tuple[str, Path]]:
     return bundles + [("demo_bundle", demo)]
 
 
-def _fixture_inputs(model: Any, source: Path) -> tuple[np.ndarray, str]:
-    """The fixture's recorded inputs (``io.npz``) when they fit the network, else three seeded ones; and which."""
-    recorded = source.parent / "io.npz"
-    if recorded.exists():
+def fixture_inputs(model: Any, source: Path) -> tuple[np.ndarray, str]:
+    """The fixture's recorded inputs (the ``io.npz`` beside it, or one folder up for a bundle written from a
+    checkpoint) when they fit the network, else three seeded ones; and which."""
+    for recorded in (source.parent / "io.npz", source.parent.parent / "io.npz"):
+        if not recorded.exists():
+            continue
         with np.load(recorded) as io_:
             key = "x" if "x" in io_ else "x_nchw" if "x_nchw" in io_ else None
             x = io_[key].astype(np.float32) if key else None
@@ -131,7 +135,7 @@ def fixture_agreement(work: Path) -> tuple[list[FixtureAgreement], Check]:
             convert_any(source, bundle)
         default = PtychoTorchModel.from_bundle(bundle, device="cpu")
         eager_model = PtychoTorchModel.from_bundle(bundle, device="cpu", channels_last=False)
-        x, origin = _fixture_inputs(default, source)
+        x, origin = fixture_inputs(default, source)
         ones = np.ones(x.shape[0], np.float32)
         with torch.inference_mode():
             eager = eager_model.network(torch.from_numpy(x), torch.from_numpy(ones.reshape(-1, 1, 1, 1))).numpy()
@@ -149,11 +153,52 @@ def fixture_agreement(work: Path) -> tuple[list[FixtureAgreement], Check]:
     worst = max(rows, key=lambda row: row.default_vs_eager)
     within = sum(row.met for row in rows)
     known = "" if worst.eager_vs_float64 is None else (
-        f", whose eager float32 output is {worst.eager_vs_float64:.2g} from float64 itself")
+        f": from float64, default {worst.default_vs_float64:.2g}, eager {worst.eager_vs_float64:.2g}")
     check = Check.of("1 Predict", f"default CPU layout vs eager on every fixture bundle ({len(rows)}), max |diff| / "
                      "scale", worst.default_vs_eager, AGREEMENT_TARGET, unit="",
                      detail=f"{within} of {len(rows)} within; worst {worst.fixture}{known}")
     return rows, check
+
+
+@dataclass(frozen=True)
+class LayoutOp:
+    """One aten operator's self CPU time per forward, contiguous (eager) against NHWC (torch.profiler)."""
+
+    op: str = column("operator", "code")
+    eager_seconds: float = column("eager (NCHW) / forward", "time")
+    nhwc_seconds: float = column("NHWC / forward", "time")
+    share_of_gain: float = column("share of the time NHWC saves", "percent")
+
+
+def layout_op_profile(network: Any, x: np.ndarray, *, forwards: int = 2, top: int = 8) -> list[LayoutOp]:
+    """Where the NHWC layout gains: self CPU time per aten operator of the contiguous and the NHWC forward of the
+    same weights on ``x`` (torch.profiler), the ``top`` operators by eager time, then all operators together."""
+    import copy
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    factor = torch.ones(x.shape[0], 1, 1, 1)
+    layouts = {
+        "eager": (copy.deepcopy(network).to(memory_format=torch.contiguous_format), torch.from_numpy(x)),
+        "nhwc": (copy.deepcopy(network).to(memory_format=torch.channels_last),
+                 torch.from_numpy(x).contiguous(memory_format=torch.channels_last)),
+    }
+    seconds: dict[str, dict[str, float]] = {}
+    for name, (module, batch) in layouts.items():
+        with torch.inference_mode():
+            module(batch, factor)  # warm-up
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(forwards):
+                    module(batch, factor)
+        seconds[name] = {e.key: e.self_cpu_time_total / 1e6 / forwards for e in prof.key_averages()}
+    eager, nhwc = seconds["eager"], seconds["nhwc"]
+    saved = sum(eager.values()) - sum(nhwc.values())
+    ops = sorted(eager, key=lambda op: -eager[op])[:top]
+    rows = [LayoutOp(op, eager[op], nhwc.get(op, 0.0), (eager[op] - nhwc.get(op, 0.0)) / saved if saved else 0.0)
+            for op in ops]
+    rows.append(LayoutOp("all operators", sum(eager.values()), sum(nhwc.values()), 1.0 if saved else 0.0))
+    return rows
 
 
 def _accuracy_note(rows: list[FixtureAgreement]) -> str:
@@ -300,11 +345,17 @@ def run(ctx: Context) -> SectionResult:
             FixtureAgreement, agreement, "The CPU default layout against the eager forward on every fixture bundle",
             "Each fixture's recorded inputs (its `io.npz`) where they fit, else three seeded ones; unit input "
             "factors; the TensorFlow archives converted first (`convert_any`); "
-            "scale = max(1, max |eager|). Both float32 paths differ in kernel order only (NHWC vs NCHW "
-            "convolutions); the float64 forward of the same weights shows how exactly a fixture's output is known "
-            "at all (CNNs only: the FNO family computes its spectral weights in complex64): where the eager float32 "
-            "output is itself further than 1e-5 from float64, no float32 kernel order can promise 1e-5 agreement "
-            f"with it. {_accuracy_note(agreement)}"))
+            "differences are relative to max(1, max |eager|). Both float32 paths differ in kernel order only "
+            "(NHWC vs NCHW kernels); the float64 forward of the same weights (CNNs only: the FNO family computes "
+            "its spectral weights in complex64) shows which of the two errs, and by how much. "
+            f"{_accuracy_note(agreement)}"))
+        layout_x = inputs(16, ctx.models[main].channels, ctx.models[main].N, seed=16)
+        tables.append(RecordTable(
+            LayoutOp, layout_op_profile(ctx.pyfuncs[main].get_raw_model(), layout_x),
+            f"Where the NHWC layout gains (torch.profiler self CPU time per forward, g{main} B=16)",
+            "The same weights and input in both layouts. The convolutions themselves take longer on contiguous "
+            "data, and so do the copies the nearest-neighbour upsampling makes (`aten::copy_` under "
+            "`upsample_nearest2d`), the pooling and the ReLU (`clamp_min`)."))
     missed = next((c for c in comparisons if c.batch >= 16 and not c.met), None)
     if missed is not None:
         model_set, pyfunc = ctx.models[missed.gridsize], ctx.pyfuncs[missed.gridsize]

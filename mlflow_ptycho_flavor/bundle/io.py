@@ -292,20 +292,23 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
 #: Bytes hashed per read on the worker thread, into one reused buffer (a fresh buffer per read would cost page
 #: faults comparable to the hashing). Each read, sha256 update and CRC update hands the GIL back and forth with the
 #: loading thread, which holds it while it runs Python (the pickle scans) until the switch interval forces it off:
-#: fewer, larger chunks spend less time waiting for it, a larger buffer more time faulting its pages in. 4 MiB was
-#: the fastest whole load of 1, 2, 3, 4, 6 and 8 MiB on the benchmark bundle (9 MB of weights; ~13% faster than
-#: 1 MiB), for at most 4 MiB more peak memory (benchmarks/RESULTS.md §2 and §4).
+#: fewer, larger chunks spend less time waiting for it, a larger buffer more time faulting its pages in. Measured
+#: once, by hand, with whole loads of the benchmark bundle (9 MB of weights) at 1, 2, 3, 4, 6 and 8 MiB: 4 MiB was
+#: the fastest, ~13% faster than 1 MiB, for 3 MiB more buffer; benchmarks/RESULTS.md §2 and §4 give the load and
+#: its peak memory with it.
 _DIGEST_CHUNK = 4 << 20
 
 
 def _view_chunks(view: MemberView, size: int) -> Iterator[memoryview]:
     """The view's bytes in order, ``size`` at a time, read into one reused buffer (no allocation per chunk)."""
     buffer = memoryview(bytearray(min(size, max(view.size, 1))))
-    for offset in range(0, view.size, len(buffer)):
+    offset = 0
+    while offset < view.size:
         received = view.readinto_at(buffer, offset)
         if received <= 0:
             return
         yield buffer[:received]
+        offset += received  # a short read resumes where it stopped
 
 
 class _MemberDigest:
