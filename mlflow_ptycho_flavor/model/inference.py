@@ -404,8 +404,8 @@ class PtychoTorchModel:
             device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
             channels_last: NHWC memory format for the convolutions. ``None`` (default): on the CPU, where it is
                 1.4x faster for the CNN and the FFNO at N=64 (torch's convolutions, the copies of its
-                nearest-neighbour upsampling, its pooling and its ReLU are all slower on contiguous data there:
-                benchmarks/RESULTS.md §1) and no slower for the FNO, and off on a GPU. Outputs agree with the
+                nearest-neighbour upsampling, its pooling and its max reductions are all slower on contiguous data
+                there: benchmarks/RESULTS.md §1) and no slower for the FNO, and off on a GPU. Outputs agree with the
                 contiguous layout to float rounding (1e-7 to 1.6e-5 of the output's scale on the fixture bundles),
                 not bit for bit; every load of one bundle on one device takes the same layout, so the pyfunc model
                 and the native one agree bit for bit.
