@@ -30,7 +30,7 @@ from mlflow_ptycho_flavor.bundle.budget import iter_opcodes, scan_pickle_structu
 from mlflow_ptycho_flavor.bundle.identify import ArtifactKind, identify_artifact
 from mlflow_ptycho_flavor.bundle.io import read_bundle
 from mlflow_ptycho_flavor.bundle.archive import check_nested_zip
-from mlflow_ptycho_flavor.bundle.unpickle import _StorageFile, _allow_list_pickle_module, torch_load
+from mlflow_ptycho_flavor.bundle.unpickle import _StorageFile, _allow_list_pickle_module, is_channels_last, torch_load
 from mlflow_ptycho_flavor.errors import BundleError, CorruptBundleError, UnsafeBundleError
 from mlflow_ptycho_flavor.network import (
     NetworkConfig,
@@ -539,6 +539,116 @@ def test_channels_last_copies_are_what_module_to_gives_on_two_threads(monkeypatc
         expected = state[key].to(memory_format=torch.channels_last)
         assert copies[key].stride() == expected.stride() and torch.equal(copies[key], expected), key
         assert copies[key].data_ptr() != state[key].data_ptr()
+
+
+def _nhwc_state() -> "OrderedDict[str, torch.Tensor]":
+    """4-D tensors of every kind the NHWC read meets: convertible, one-channel (NCHW strides ``.to`` changes),
+    one pixel per sample, sharing a storage, a view with an offset, already NHWC, a Parameter, half precision, empty;
+    and a bias."""
+    generator = torch.Generator().manual_seed(11)
+    shared = torch.randn(8, 4, 3, 3, generator=generator)
+    state = OrderedDict(
+        conv=torch.randn(16, 8, 3, 3, generator=generator),
+        one_channel=torch.randn(6, 1, 3, 3, generator=generator),
+        one_pixel=torch.randn(5, 3, 1, 1, generator=generator),
+        shared=shared,
+        shared_view=shared[2:6],
+        nhwc=torch.randn(4, 3, 5, 5, generator=generator).to(memory_format=torch.channels_last),
+        parameter=torch.nn.Parameter(torch.randn(4, 2, 3, 3, generator=generator)),
+        half=torch.randn(4, 2, 3, 3, generator=generator).half(),
+        empty=torch.zeros(0, 3, 3, 3),
+        bias=torch.randn(16, generator=generator),
+    )
+    state._metadata = OrderedDict({"": {"version": 1}})
+    return state
+
+
+@pytest.mark.parametrize("slice_bytes", [1 << 20, 100], ids=["one-slice", "a-row-per-slice"])
+@pytest.mark.parametrize("form", ["bytes", "view"])
+def test_channels_last_read_gives_what_to_channels_last_gives(tmp_path, monkeypatch, form, slice_bytes):
+    """``torch_load(channels_last=True)``: every 4-D tensor equal to ``.to(memory_format=channels_last)`` of what
+    torch.load gives, with its strides; the tensors the NHWC read cannot take (shared or offset storages, a
+    Parameter) exactly as the plain read gives them; order and ``_metadata`` kept. Slices of one output channel at
+    a time (``a-row-per-slice``) give the same bytes as one slice for the whole tensor."""
+    from mlflow_ptycho_flavor.bundle import unpickle
+
+    monkeypatch.setattr(unpickle, "_NHWC_SLICE_BYTES", slice_bytes)
+    raw = torch_bytes(_nhwc_state())
+    reference = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if form == "bytes":
+        plain, ours = torch_load(raw, "m.pth"), torch_load(raw, "m.pth", channels_last=True)
+    else:
+        path = tmp_path / "outer.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("pad.txt", b"x" * 777)
+            archive.writestr("m.pth", raw)
+        from mlflow_ptycho_flavor.bundle.archive import DEFAULT_LIMITS, ArchiveReader
+
+        reader = ArchiveReader(path, DEFAULT_LIMITS)
+        try:
+            plain = torch_load(reader.view("m.pth", genuine_bytes=len(raw)), "m.pth")
+            ours = torch_load(reader.view("m.pth", genuine_bytes=len(raw)), "m.pth", channels_last=True)
+        finally:
+            reader.close()
+    for key, tensor in reference.items():  # the plain read: torch.load's objects
+        assert plain[key].stride() == tensor.stride() and torch.equal(plain[key], tensor), key
+    assert list(ours) == list(reference) and ours._metadata == reference._metadata
+    converted = {"conv", "one_channel", "one_pixel", "half"}
+    for key, tensor in reference.items():
+        assert type(ours[key]) is type(tensor) and torch.equal(ours[key], tensor), key
+        expected = tensor.to(memory_format=torch.channels_last) if key in converted else tensor
+        assert ours[key].stride() == expected.stride(), (key, ours[key].stride(), expected.stride())
+    for key in set(reference) - converted:  # read in place, like the plain read
+        assert ours[key].stride() == plain[key].stride() and ours[key].storage_offset() == plain[key].storage_offset()
+    assert ours["shared_view"].untyped_storage().data_ptr() == ours["shared"].untyped_storage().data_ptr()
+    assert ours["conv"].untyped_storage().nbytes() == ours["conv"].nbytes  # its own storage, nothing more
+
+
+def test_channels_last_read_of_a_big_endian_file_is_left_to_the_caller():
+    """Byte-swapped storages are read in place (NCHW, swapped like torch.load): build_network converts them."""
+    state = OrderedDict(w=torch.randn(4, 3, 3, 3))
+    raw = torch_bytes(state)
+    big = _rewrite_records(raw, lambda name, data: (
+        (b"big" if name.endswith("/byteorder") else
+         np.frombuffer(data, "<u4").astype(">u4").tobytes() if "/data/" in name else data), zipfile.ZIP_STORED))
+    ours = torch_load(big, "m.pth", channels_last=True)
+    assert torch.equal(ours["w"], state["w"]) and ours["w"].is_contiguous()
+
+
+def test_the_cpu_default_load_reads_its_weights_once_in_nhwc(base, monkeypatch):
+    """``from_bundle`` on the CPU reads the 4-D weights straight into NHWC: build_network has nothing left to copy,
+    and the network predicts bit for bit what the general path (NCHW read, then converted) predicts."""
+    from mlflow_ptycho_flavor.bundle import io as bundle_io
+    from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
+
+    general = read_bundle(base).build_network("cpu", adopt_weights=True, channels_last=True)
+    converted_keys = []
+    copies = bundle_io._channels_last_copies
+
+    def recording(state_dict):
+        result = copies(state_dict)
+        converted_keys.extend(key for key in state_dict if result[key] is not state_dict[key])
+        return result
+
+    monkeypatch.setattr(bundle_io, "_channels_last_copies", recording)
+    model = PtychoTorchModel.from_bundle(base, device="cpu")
+    assert converted_keys == []
+    four_d = [p for p in model.network.state_dict().values() if p.dim() == 4]
+    assert four_d and all(bundle_io.is_channels_last(p) for p in four_d)
+    x = np.random.default_rng(5).uniform(0, 2, (3, model.channels, model.N, model.N)).astype(np.float32)
+    ones = torch.ones(3, 1, 1, 1)
+    with torch.inference_mode():
+        expected = general(torch.from_numpy(x).contiguous(memory_format=torch.channels_last), ones).numpy()
+    assert np.array_equal(model.predict(x, np.ones(3, np.float32)), expected)
+
+
+def test_is_channels_last_is_the_strides_to_channels_last_gives():
+    for shape in [(4, 1, 3, 3), (4, 2, 1, 1), (1, 1, 1, 1), (8, 16, 3, 3), (4, 3, 1, 5)]:
+        tensor = torch.randn(shape)
+        nhwc = tensor.to(memory_format=torch.channels_last)
+        assert is_channels_last(nhwc), shape
+        assert is_channels_last(tensor) == (tensor.stride() == nhwc.stride()), shape
+    assert not is_channels_last(torch.randn(4, 3, 3, 3))
 
 
 def test_digest_chunks_cover_the_member_exactly(tmp_path):

@@ -62,7 +62,7 @@ from mlflow_ptycho_flavor.bundle.metadata import (
     network_config_from_params,
     validate_metadata,
 )
-from mlflow_ptycho_flavor.bundle.unpickle import safe_loads, torch_load, unsafe_loading_allowed
+from mlflow_ptycho_flavor.bundle.unpickle import is_channels_last, safe_loads, torch_load, unsafe_loading_allowed
 from mlflow_ptycho_flavor.errors import (
     BundleError,
     ConfigMismatchError,
@@ -183,7 +183,8 @@ def _channels_last_copies(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     thread while this one copies the rest: a second core halves what the NHWC default adds to a CPU load.
     """
     result = dict(state_dict)
-    four_d = sorted((key for key, tensor in state_dict.items() if tensor.dim() == 4),
+    four_d = sorted((key for key, tensor in state_dict.items()  # .to() would return the others as they are
+                     if tensor.dim() == 4 and not is_channels_last(tensor)),
                     key=lambda key: -state_dict[key].nbytes)
     halves: tuple[list[str], list[str]] = ([], [])
     loads = [0, 0]
@@ -389,6 +390,7 @@ def read_bundle(
     legacy_scaling: bool = False,
     limits: BundleLimits = DEFAULT_LIMITS,
     allow_nonfinite: bool = False,
+    channels_last: bool = False,
 ) -> BundleContents:
     """Decode and validate a bundle without building the network or touching the global config.
 
@@ -405,6 +407,8 @@ def read_bundle(
             ``load_torch_bundle`` input scaling instead of honouring the caller's factor (docs/bundle-format.md §4.2).
         limits: size caps against zip bombs.
         allow_nonfinite: accept NaN/inf weights (forensics); refused by default.
+        channels_last: read the 4-D weights in NHWC memory format where they can be read that way in place (the
+            same values; what ``build_network(channels_last=True)`` wants, without an NCHW copy first).
 
     Raises:
         BundleError: one of its subclasses, naming the cause and the fix
@@ -474,7 +478,8 @@ def read_bundle(
         weights_size = reader.size(weights_member)
         digest = _MemberDigest(reader, manifest, weights_member, weights)
         try:
-            state_dict = torch_load(weights, weights_member, scan=scan, max_inflated_bytes=max(weights_size, genuine))
+            state_dict = torch_load(weights, weights_member, scan=scan, max_inflated_bytes=max(weights_size, genuine),
+                                    channels_last=channels_last)
             check_state_dict_values(state_dict, weights_member)
             detect_era(state_dict, network_config)
             check_fits(network_config, state_dict, weights_size, layout)

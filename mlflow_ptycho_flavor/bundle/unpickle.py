@@ -596,13 +596,19 @@ class _StorageFile:
     record through the Python file object, with a few calls each): one ``preadv`` per storage from the archive file
     for a :class:`~.archive.MemberView`, one copy out of the buffer for bytes (docs/bundle-format.md §1.3)."""
 
-    def __init__(self, data: bytes | MemberView, prefix: str, spans: dict[str, RecordSpan], member: str) -> None:
+    def __init__(
+        self, data: bytes | MemberView, prefix: str, spans: dict[str, RecordSpan], member: str, *,
+        defer_reads: bool = False,
+    ) -> None:
         self._data = data
         self._prefix = prefix
         self._spans = spans
         self._member = member
         self._storages: dict[str, torch.storage.TypedStorage] = {}
         self._swap = self._byteorder() != sys.byteorder
+        #: With ``defer_reads``, storages are allocated while unpickling and filled by :meth:`fill` afterwards
+        #: (memory is only touched when written, so a storage replaced by its NHWC copy never costs a page).
+        self._pending: dict[str, tuple[RecordSpan, torch.Tensor, torch.dtype]] | None = {} if defer_reads else None
 
     def _byteorder(self) -> str:
         """The order the storages were written in: the ``byteorder`` record (``"little"`` or ``"big"``), or
@@ -618,12 +624,15 @@ class _StorageFile:
             raise CorruptBundleError(f"{self._member}: the byteorder record says {short_repr(text)}, not little or big")
         return text
 
-    def _read(self, span: RecordSpan, count: int, target: Any = None) -> Any:
+    def _read(self, span: RecordSpan, count: int, target: Any = None, *, skip: int = 0) -> Any:
+        """``count`` bytes of the record ``span`` from its byte ``skip`` on, into ``target`` (a new bytearray when
+        None); a short read is damage."""
         buffer = bytearray(count) if target is None else target
+        offset = span.start + skip
         if isinstance(self._data, MemberView):
-            received = self._data.readinto_at(buffer, span.start)
+            received = self._data.readinto_at(buffer, offset)
         else:
-            chunk = memoryview(self._data)[span.start : span.start + count]
+            chunk = memoryview(self._data)[offset : offset + count]
             memoryview(buffer).cast("B")[: len(chunk)] = chunk
             received = len(chunk)
         if received != count:
@@ -654,13 +663,85 @@ class _StorageFile:
                 f"has {found}; the file is damaged"
             )
         flat = torch.empty(nbytes, dtype=torch.uint8)
-        self._read(span, nbytes, flat.numpy())
-        untyped = flat.untyped_storage()
-        if self._swap:
-            untyped.byteswap(dtype)
-        typed = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        if self._pending is not None:
+            self._pending[key] = (span, flat, dtype)
+        else:
+            self._fill_in_place(span, flat, dtype)
+        typed = torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
         self._storages[key] = typed
         return typed
+
+    def _fill_in_place(self, span: RecordSpan, flat: torch.Tensor, dtype: torch.dtype) -> None:
+        self._read(span, span.size, flat.numpy())
+        if self._swap:
+            flat.untyped_storage().byteswap(dtype)
+
+    def fill(self, decoded: Any, *, channels_last: bool) -> Any:
+        """Read the storages deferred while unpickling (``defer_reads``) and return ``decoded``; with
+        ``channels_last``, the 4-D tensors of a flat mapping come back as ``tensor.to(memory_format=
+        torch.channels_last)`` gives them, read straight into NHWC.
+
+        Such a tensor (a plain tensor, the only one viewing its storage, contiguous NCHW over all of it, not already
+        in NHWC strides, native byte order) is read a slice of whole output channels at a time into one small
+        reused buffer and copied from there, while the slice is in cache, into its NHWC tensor: the weights are in
+        memory once, instead of an NCHW read and an NHWC copy of it (docs/bundle-format.md §1.3). Its NCHW storage
+        was allocated but never written, so it costs no page. Every other storage is read into place.
+        """
+        pending, self._pending = self._pending or {}, None
+        if channels_last and isinstance(decoded, dict) and not self._swap:
+            converted = self._read_channels_last(decoded, pending)
+            for key, tensor in converted.items():
+                dict.__setitem__(decoded, key, tensor)  # an OrderedDict keeps its order and its _metadata
+        for span, flat, dtype in pending.values():
+            self._fill_in_place(span, flat, dtype)
+        return decoded
+
+    def _read_channels_last(
+        self, decoded: dict, pending: dict[str, tuple[RecordSpan, torch.Tensor, torch.dtype]]
+    ) -> dict[str, torch.Tensor]:
+        """The NHWC tensors of :meth:`fill` by mapping key; their records are taken off ``pending``."""
+        users: dict[int, int] = {}
+        for value in dict.values(decoded):
+            if isinstance(value, torch.Tensor):
+                pointer = value.untyped_storage().data_ptr()
+                users[pointer] = users.get(pointer, 0) + 1
+        record_of = {flat.data_ptr(): record for record, (_, flat, _) in pending.items()}
+        converted: dict[str, torch.Tensor] = {}
+        buffer: torch.Tensor | None = None
+        for key, tensor in dict.items(decoded):
+            if type(tensor) is not torch.Tensor or tensor.dim() != 4 or tensor.requires_grad or not tensor.numel():
+                continue
+            pointer = tensor.untyped_storage().data_ptr()
+            record = record_of.get(pointer)
+            if (record is None or users[pointer] != 1 or tensor.storage_offset() != 0 or not tensor.is_contiguous()
+                    or is_channels_last(tensor) or tensor.nbytes != tensor.untyped_storage().nbytes()):
+                continue  # read into place; build_network converts it the general way
+            span, _, _ = pending.pop(record)
+            nhwc = torch.empty(tensor.shape, dtype=tensor.dtype, memory_format=torch.channels_last)
+            row = tensor[0].nbytes  # one output channel
+            rows = max(1, min(tensor.shape[0], _NHWC_SLICE_BYTES // row))
+            if buffer is None or buffer.numel() < rows * row:
+                buffer = torch.empty(rows * row, dtype=torch.uint8)
+            for first in range(0, tensor.shape[0], rows):
+                count = min(rows, tensor.shape[0] - first)
+                chunk = buffer[: count * row]
+                self._read(span, count * row, chunk.numpy(), skip=first * row)
+                nhwc[first : first + count].copy_(chunk.view(tensor.dtype).view(count, *tensor.shape[1:]))
+            converted[key] = nhwc
+        return converted
+
+
+def is_channels_last(tensor: torch.Tensor) -> bool:
+    """Whether a 4-D tensor has exactly the strides ``tensor.to(memory_format=torch.channels_last)`` gives (so
+    converting it would change nothing). ``is_contiguous(memory_format=torch.channels_last)`` is not the test: it
+    also holds for NCHW tensors with one channel or one pixel, which ``.to`` restrides."""
+    _, channels, _, width = tensor.shape
+    return tensor.stride() == (tensor.shape[2] * width * channels, 1, width * channels, channels)
+
+
+#: Bytes of NCHW weights read at a time before their NHWC copy (:meth:`_StorageFile.fill`): small enough to stay in
+#: cache between the read and the copy.
+_NHWC_SLICE_BYTES = 1 << 20
 
 
 def _direct_storage_prefix(spans: dict[str, RecordSpan]) -> str | None:
@@ -678,12 +759,13 @@ def _direct_storage_prefix(spans: dict[str, RecordSpan]) -> str | None:
     return prefix
 
 
-def _unpickle_with_storages(pickled: bytes, storages: _StorageFile, member: str) -> Any:
+def _unpickle_with_storages(pickled: bytes, storages: _StorageFile, member: str, *, channels_last: bool) -> Any:
     """``data.pkl`` through the C unpickler resolving :data:`_TORCH_ALLOWED_GLOBALS` (torch's own rebuild
-    functions), its storages from :class:`_StorageFile`: ``torch.load``'s result without its per-tensor machinery."""
+    functions), its storages from :class:`_StorageFile`: ``torch.load``'s result without its per-tensor machinery
+    (with ``channels_last``, a flat mapping's 4-D tensors in NHWC: :meth:`_StorageFile.fill`)."""
     unpickler = type("_StorageUnpickler", (_AllowListUnpickler,), {"member": member})(io.BytesIO(pickled))
     unpickler.persistent_load = storages.storage
-    return unpickler.load()
+    return storages.fill(unpickler.load(), channels_last=channels_last)
 
 
 def _weights_only_forced() -> bool:
@@ -704,7 +786,8 @@ def _torch_load_failure(exc: Exception, member: str) -> Exception:
 
 
 def torch_load(
-    data: bytes | MemberView, member: str, *, scan: bool = True, max_inflated_bytes: int | None = None
+    data: bytes | MemberView, member: str, *, scan: bool = True, max_inflated_bytes: int | None = None,
+    channels_last: bool = False,
 ) -> Any:
     """Decode a torch member (``model.pth``, ``torch_scaling_metadata.pt``) after checks that no opt-in skips.
 
@@ -723,6 +806,10 @@ def torch_load(
     (:class:`_StorageFile`: ``torch.load``'s objects without its per-tensor machinery); otherwise ``torch.load``
     runs with that unpickler. ``allow_unsafe`` turns ``scan`` off: torch's ``torch.load(weights_only=True)`` then
     decides alone.
+
+    ``channels_last`` asks for a state_dict's 4-D tensors in NHWC memory format, as ``tensor.to(memory_format=
+    torch.channels_last)`` gives them; the in-place path reads them that way (one copy of the weights in memory),
+    the others leave them NCHW (the caller converts what is left).
 
     Raises:
         UnsafeBundleError, CorruptBundleError, UnsupportedBundleError.
@@ -743,7 +830,8 @@ def torch_load(
     try:
         direct = _direct_storage_prefix(spans) if scan and not _weights_only_forced() else None
         if direct is not None:
-            return _unpickle_with_storages(pickled, _StorageFile(data, direct, spans, member), member)
+            storages = _StorageFile(data, direct, spans, member, defer_reads=channels_last)
+            return _unpickle_with_storages(pickled, storages, member, channels_last=channels_last)
         if scan and not _weights_only_forced():
             return torch.load(
                 _torch_file(data), map_location="cpu", weights_only=False,

@@ -414,10 +414,10 @@ class PtychoTorchModel:
             BundleError: the bundle cannot be read (a subclass naming the cause).
             ValueError: ``device`` is not valid or not available.
         """
-        contents = read_bundle(path)
-        restore_params(contents.params)  # CONFIG-001, before the network is built
         if channels_last is None:
             channels_last = resolve_device(device).type == "cpu"
+        contents = read_bundle(path, channels_last=channels_last)
+        restore_params(contents.params)  # CONFIG-001, before the network is built
         network = contents.build_network(device, adopt_weights=True, channels_last=channels_last)
         return cls(
             network=network,
