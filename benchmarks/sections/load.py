@@ -93,13 +93,15 @@ def scanned_pickles(bundle: Any) -> dict[str, bytes]:
     import io
     import zipfile
 
+    from mlflow_ptycho_flavor.bundle.io import INFERENCE_MODEL, METADATA_MEMBER
+
     pickles: dict[str, bytes] = {}
     with zipfile.ZipFile(bundle) as outer:
         for name in outer.namelist():
             raw = outer.read(name)
             if name.endswith(".dill") and raw not in pickles.values():
                 pickles[name] = raw
-            elif name in ("diffraction_to_obj/model.pth", "torch_scaling_metadata.pt"):
+            elif name in (f"{INFERENCE_MODEL}/model.pth", METADATA_MEMBER):
                 with zipfile.ZipFile(io.BytesIO(raw)) as inner:
                     record = next(entry for entry in inner.namelist() if entry.endswith("/data.pkl"))
                     pickles[f"{name} ({record})"] = inner.read(record)
@@ -120,11 +122,12 @@ def measure_check_costs(ctx: Context, model_set: ModelSet, repeats: int) -> tupl
     from mlflow_ptycho_flavor import read_bundle
     from mlflow_ptycho_flavor.bundle.budget import scan_pickle_structure
     from mlflow_ptycho_flavor.bundle.compat import check_finite_weights
+    from mlflow_ptycho_flavor.bundle.io import INFERENCE_MODEL
     from mlflow_ptycho_flavor.bundle.unpickle import _scan_torch_pickle
 
     pickles = scanned_pickles(model_set.bundle)
     with zipfile.ZipFile(model_set.bundle) as outer:
-        weights = outer.read("diffraction_to_obj/model.pth")
+        weights = outer.read(f"{INFERENCE_MODEL}/model.pth")
     state_dict = read_bundle(model_set.bundle).state_dict
     loads = candidates(ctx, model_set)
 
@@ -146,7 +149,7 @@ def measure_check_costs(ctx: Context, model_set: ModelSet, repeats: int) -> tupl
         "thread)": scans,
         f"sha256 + CRC-32 of model.pth ({len(weights)} bytes; on a worker thread during the load)": digests,
         f"finite check of its {len(state_dict)} weights (main thread)":
-            lambda: check_finite_weights(state_dict, "diffraction_to_obj/model.pth"),
+            lambda: check_finite_weights(state_dict, f"{INFERENCE_MODEL}/model.pth"),
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

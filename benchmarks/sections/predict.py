@@ -85,8 +85,8 @@ class FixtureAgreement:
     max_abs_eager: float = column("max |eager|", "g")
     default_vs_eager: float = column("max |default − eager| / scale", "g")
     eager_backends: float = column("max |eager without oneDNN − eager| / scale", "g")
-    eager_vs_float64: float | None = column("max |eager − float64| / scale", "g")
-    default_vs_float64: float | None = column("max |default − float64| / scale", "g")
+    eager_vs_float64: float = column("max |eager − float64| / scale", "g")
+    default_vs_float64: float = column("max |default − float64| / scale", "g")
     met: bool = column("default within 1e-5 of eager", "met")
 
 
@@ -114,20 +114,38 @@ def fixture_inputs(model: Any, source: Path) -> tuple[np.ndarray, str]:
     return inputs(3, model.channels, model.N, seed=7), "3 seeded"
 
 
-def fixture_agreement(work: Path) -> tuple[list[FixtureAgreement], Check]:
-    """The default CPU layout against the eager forward on every fixture bundle (a few seconds in all).
-
-    Both are float32 and differ by kernel order only; the float64 forward of the same weights (``network.double()``,
-    CNNs only) shows how far each lies from the exact result, i.e. which of the two a disagreement comes from. The
-    eager forward again with torch's oneDNN (mkldnn) kernels switched off (its other contiguous float32 kernels) shows
-    how far the reference itself moves when only torch's choice of kernel changes: the float32 noise floor that any
-    other kernel order meets on that fixture.
-    """
+def float64_copy(network: Any) -> Any:
+    """A float64 copy of ``network``: real parameters and buffers in float64, complex ones (the FNO family's spectral
+    weights) in complex128. Both families' amplitude/phase heads combine their two outputs in complex64
+    (docs/bundle-format.md §8.5.5, §8.6.4), so that last step rounds to ~6e-8 of the output's scale; every step
+    before it is float64."""
     import copy
 
     import torch
 
-    from mlflow_ptycho_flavor import PtychoPINNNetwork
+    exact = copy.deepcopy(network).double()
+    for module in exact.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None and parameter.is_complex():
+                module._parameters[name] = torch.nn.Parameter(parameter.detach().to(torch.complex128),
+                                                              requires_grad=parameter.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_complex():
+                module._buffers[name] = buffer.to(torch.complex128)
+    return exact
+
+
+def fixture_agreement(work: Path) -> tuple[list[FixtureAgreement], Check]:
+    """The default CPU layout against the eager forward on every fixture bundle (a few seconds in all).
+
+    Both are float32 and differ by kernel order only; the float64 forward of the same weights (:func:`float64_copy`)
+    shows how far each lies from the exact result, i.e. which of the two a disagreement comes from. The
+    eager forward again with torch's oneDNN (mkldnn) kernels switched off (its other contiguous float32 kernels) shows
+    how far the reference itself moves when only torch's choice of kernel changes: the float32 noise floor that any
+    other kernel order meets on that fixture.
+    """
+    import torch
+
     from mlflow_ptycho_flavor.convert import convert_any
     from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 
@@ -149,22 +167,19 @@ def fixture_agreement(work: Path) -> tuple[list[FixtureAgreement], Check]:
                 with torch.backends.mkldnn.flags(enabled=False):
                     eager_other = eager_model.network(
                         torch.from_numpy(x), torch.from_numpy(ones.reshape(-1, 1, 1, 1))).numpy()
-            exact = None
-            if isinstance(eager_model.network, PtychoPINNNetwork):  # the FNO family's spectral weights are complex64
-                exact = copy.deepcopy(eager_model.network).double()(
-                    torch.from_numpy(x).double(), torch.ones(x.shape[0], 1, 1, 1, dtype=torch.float64)).numpy()
+            exact = float64_copy(eager_model.network)(
+                torch.from_numpy(x).double(), torch.ones(x.shape[0], 1, 1, 1, dtype=torch.float64)).numpy()
         got = default.predict(x, ones)
         max_abs_eager = float(np.abs(eager).max())
         scale = max(1.0, max_abs_eager)
         relative = float(np.abs(got - eager).max()) / scale
         rows.append(FixtureAgreement(
             name, origin, max_abs_eager, relative, float(np.abs(eager_other - eager).max()) / scale,
-            None if exact is None else float(np.abs(eager - exact).max()) / scale,
-            None if exact is None else float(np.abs(got - exact).max()) / scale, AGREEMENT_TARGET.holds(relative)))
+            float(np.abs(eager - exact).max()) / scale, float(np.abs(got - exact).max()) / scale,
+            AGREEMENT_TARGET.holds(relative)))
     worst = max(rows, key=lambda row: row.default_vs_eager)
     within = sum(row.met for row in rows)
-    known = "" if worst.eager_vs_float64 is None else (
-        f": from float64, default {worst.default_vs_float64:.2g}, eager {worst.eager_vs_float64:.2g}")
+    known = f": from float64, default {worst.default_vs_float64:.2g}, eager {worst.eager_vs_float64:.2g}"
     known += f"; eager without oneDNN is {worst.eager_backends:.2g} from eager there"
     check = Check.of("1 Predict", f"default CPU layout vs eager on every fixture bundle ({len(rows)}), max |diff| / "
                      "scale", worst.default_vs_eager, AGREEMENT_TARGET, unit="",
@@ -214,13 +229,13 @@ def layout_op_profile(network: Any, x: np.ndarray, *, forwards: int = 2, top: in
 
 
 def _accuracy_note(rows: list[FixtureAgreement]) -> str:
-    """How far the default layout lands from float64 compared with eager, over the fixtures that have float64."""
-    ratios = [row.default_vs_float64 / row.eager_vs_float64 for row in rows
-              if row.eager_vs_float64 and row.default_vs_float64 is not None]
+    """How far the default layout lands from float64 compared with eager, over the fixtures (and where it misses,
+    how far torch's other contiguous kernels move eager)."""
+    ratios = [row.default_vs_float64 / row.eager_vs_float64 for row in rows if row.eager_vs_float64]
     if not ratios:
         return ""
     note = (f"Against float64, the default's error is {min(ratios):.2g}–{max(ratios):.2g}x eager's (median "
-            f"{float(np.median(ratios)):.2g}x) over the {len(ratios)} CNN fixtures: the NHWC kernels accumulate in "
+            f"{float(np.median(ratios)):.2g}x) over the {len(ratios)} fixtures: the NHWC kernels accumulate in "
             "another order, not always as well.")
     missed = [row for row in rows if not row.met]
     if missed:
@@ -366,8 +381,9 @@ def run(ctx: Context) -> SectionResult:
             "Each fixture's recorded inputs (its `io.npz`) where they fit, else three seeded ones; unit input "
             "factors; the TensorFlow archives converted first (`convert_any`); "
             "differences are relative to max(1, max |eager|). Both float32 paths differ in kernel order only "
-            "(NHWC vs NCHW kernels); the float64 forward of the same weights (CNNs only: the FNO family computes "
-            "its spectral weights in complex64) shows which of the two errs, and by how much; eager without oneDNN "
+            "(NHWC vs NCHW kernels); the float64 forward of the same weights (complex128 spectral weights for the "
+            "FNO family; both families' heads combine amplitude and phase in complex64, a last rounding of ~6e-8) "
+            "shows which of the two errs, and by how much; eager without oneDNN "
             "(torch's other contiguous float32 kernels) shows how far the reference moves with torch's choice of "
             "kernel alone. "
             f"{_accuracy_note(agreement)}"))
