@@ -15,6 +15,7 @@ import pickletools
 import struct
 import sys
 import threading
+import warnings
 import zipfile
 from collections import OrderedDict
 
@@ -542,66 +543,133 @@ def test_channels_last_copies_are_what_module_to_gives_on_two_threads(monkeypatc
 
 
 def _nhwc_state() -> "OrderedDict[str, torch.Tensor]":
-    """4-D tensors of every kind the NHWC read meets: convertible, one-channel (NCHW strides ``.to`` changes),
-    one pixel per sample, sharing a storage, a view with an offset, already NHWC, a Parameter, half precision, empty;
-    and a bias."""
+    """A plain state_dict with 4-D tensors of every kind the NHWC read meets: convertible ones (float, one channel
+    - NCHW strides ``.to`` changes -, one pixel per sample, half, complex, bool, int), and ones it must leave as read
+    (sharing a storage, a view with an offset, transposed, already NHWC, conjugate and negative views, one that
+    requires grad, empty); and a bias."""
     generator = torch.Generator().manual_seed(11)
     shared = torch.randn(8, 4, 3, 3, generator=generator)
     state = OrderedDict(
         conv=torch.randn(16, 8, 3, 3, generator=generator),
         one_channel=torch.randn(6, 1, 3, 3, generator=generator),
         one_pixel=torch.randn(5, 3, 1, 1, generator=generator),
+        half=torch.randn(4, 2, 3, 3, generator=generator).half(),
+        complex=torch.randn(3, 3, 4, 4, dtype=torch.complex64, generator=generator),
+        mask=torch.randn(2, 3, 2, 2, generator=generator) > 0,
+        counts=torch.randint(0, 9, (2, 3, 2, 2), generator=generator),
         shared=shared,
         shared_view=shared[2:6],
+        transposed=torch.randn(3, 4, 5, 5, generator=generator).transpose(2, 3),
         nhwc=torch.randn(4, 3, 5, 5, generator=generator).to(memory_format=torch.channels_last),
-        parameter=torch.nn.Parameter(torch.randn(4, 2, 3, 3, generator=generator)),
-        half=torch.randn(4, 2, 3, 3, generator=generator).half(),
+        conjugate=torch.randn(3, 2, 4, 4, dtype=torch.complex64, generator=generator).conj(),
+        negative=torch.randn(3, 2, 4, 4, dtype=torch.complex64, generator=generator).conj().imag,
+        trainable=torch.randn(4, 2, 3, 3, generator=generator).requires_grad_(),
         empty=torch.zeros(0, 3, 3, 3),
         bias=torch.randn(16, generator=generator),
     )
-    state._metadata = OrderedDict({"": {"version": 1}})
+    state._metadata = OrderedDict({"": {"version": 1}, "conv": {"version": 2}})
     return state
+
+
+_NHWC_READ = {"conv", "one_channel", "one_pixel", "half", "complex", "mask", "counts"}
+
+
+def _torch_load_both_forms(raw: bytes, tmp_path, form: str, **kwargs):
+    if form == "bytes":
+        return torch_load(raw, "m.pth", **kwargs)
+    path = tmp_path / f"outer-{len(list(tmp_path.iterdir()))}.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("pad.txt", b"x" * 777)  # the member does not start at offset 0
+        archive.writestr("m.pth", raw)
+    from mlflow_ptycho_flavor.bundle.archive import DEFAULT_LIMITS, ArchiveReader
+
+    reader = ArchiveReader(path, DEFAULT_LIMITS)
+    try:
+        return torch_load(reader.view("m.pth", genuine_bytes=len(raw)), "m.pth", **kwargs)
+    finally:
+        reader.close()
+
+
+def _equal_as_loaded(ours, reference) -> None:
+    """Same keys, types, values and flags as torch.load's (conjugate/negative bits included)."""
+    assert list(ours) == list(reference)
+    for key, tensor in reference.items():
+        mine = ours[key]
+        assert type(mine) is type(tensor) and mine.dtype == tensor.dtype and mine.shape == tensor.shape, key
+        assert mine.is_conj() == tensor.is_conj() and mine.is_neg() == tensor.is_neg(), key
+        assert mine.requires_grad == tensor.requires_grad, key
+        assert torch.equal(mine.resolve_conj().resolve_neg(), tensor.resolve_conj().resolve_neg()), key
 
 
 @pytest.mark.parametrize("slice_bytes", [1 << 20, 100], ids=["one-slice", "a-row-per-slice"])
 @pytest.mark.parametrize("form", ["bytes", "view"])
 def test_channels_last_read_gives_what_to_channels_last_gives(tmp_path, monkeypatch, form, slice_bytes):
-    """``torch_load(channels_last=True)``: every 4-D tensor equal to ``.to(memory_format=channels_last)`` of what
-    torch.load gives, with its strides; the tensors the NHWC read cannot take (shared or offset storages, a
-    Parameter) exactly as the plain read gives them; order and ``_metadata`` kept. Slices of one output channel at
-    a time (``a-row-per-slice``) give the same bytes as one slice for the whole tensor."""
+    """``torch_load(channels_last=True)`` of a plain state_dict: the tensors it can read into NHWC equal
+    ``.to(memory_format=channels_last)`` of what torch.load gives, strides included, each on its own storage; the
+    others exactly as the plain read gives them; order and ``_metadata`` kept. Slices of one output channel at a
+    time (``a-row-per-slice``: a row is larger than the slice) give the same bytes as one slice for the whole."""
     from mlflow_ptycho_flavor.bundle import unpickle
 
     monkeypatch.setattr(unpickle, "_NHWC_SLICE_BYTES", slice_bytes)
     raw = torch_bytes(_nhwc_state())
     reference = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    if form == "bytes":
-        plain, ours = torch_load(raw, "m.pth"), torch_load(raw, "m.pth", channels_last=True)
-    else:
-        path = tmp_path / "outer.zip"
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-            archive.writestr("pad.txt", b"x" * 777)
-            archive.writestr("m.pth", raw)
-        from mlflow_ptycho_flavor.bundle.archive import DEFAULT_LIMITS, ArchiveReader
-
-        reader = ArchiveReader(path, DEFAULT_LIMITS)
-        try:
-            plain = torch_load(reader.view("m.pth", genuine_bytes=len(raw)), "m.pth")
-            ours = torch_load(reader.view("m.pth", genuine_bytes=len(raw)), "m.pth", channels_last=True)
-        finally:
-            reader.close()
-    for key, tensor in reference.items():  # the plain read: torch.load's objects
-        assert plain[key].stride() == tensor.stride() and torch.equal(plain[key], tensor), key
-    assert list(ours) == list(reference) and ours._metadata == reference._metadata
-    converted = {"conv", "one_channel", "one_pixel", "half"}
+    plain = _torch_load_both_forms(raw, tmp_path, form)
+    ours = _torch_load_both_forms(raw, tmp_path, form, channels_last=True)
+    _equal_as_loaded(plain, reference)
+    _equal_as_loaded(ours, reference)
+    assert ours._metadata == reference._metadata
     for key, tensor in reference.items():
-        assert type(ours[key]) is type(tensor) and torch.equal(ours[key], tensor), key
-        expected = tensor.to(memory_format=torch.channels_last) if key in converted else tensor
-        assert ours[key].stride() == expected.stride(), (key, ours[key].stride(), expected.stride())
-    for key in set(reference) - converted:  # read in place, like the plain read
-        assert ours[key].stride() == plain[key].stride() and ours[key].storage_offset() == plain[key].storage_offset()
+        if key in _NHWC_READ:
+            expected = tensor.to(memory_format=torch.channels_last)
+            assert ours[key].stride() == expected.stride(), (key, ours[key].stride(), expected.stride())
+            assert ours[key].untyped_storage().nbytes() == ours[key].nbytes, key  # its own storage, nothing more
+        else:  # read in place, like the plain read
+            assert ours[key].stride() == plain[key].stride(), key
+            assert ours[key].storage_offset() == plain[key].storage_offset(), key
     assert ours["shared_view"].untyped_storage().data_ptr() == ours["shared"].untyped_storage().data_ptr()
-    assert ours["conv"].untyped_storage().nbytes() == ours["conv"].nbytes  # its own storage, nothing more
+
+
+def _with_parameter(state):
+    state["parameter"] = torch.nn.Parameter(state["conv"])  # shares conv's storage: one storage named once
+    return state
+
+
+def _with_nested(state):
+    state["nested"] = [state["conv"]]  # the same tensor object, reachable a second way
+    return state
+
+
+def _with_tensor_metadata(state):
+    state._metadata = OrderedDict({"": {"version": state["conv"][0, 0]}})
+    return state
+
+
+def _with_bare_storage(state):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage is deprecated; torch.save still writes it
+        state["storage"] = state["conv"].storage()
+    return state
+
+
+@pytest.mark.parametrize("change", [_with_parameter, _with_nested, _with_tensor_metadata, _with_bare_storage],
+                         ids=lambda change: change.__name__[6:])
+def test_channels_last_read_leaves_anything_but_a_plain_state_dict_as_torch_load_reads_it(change):
+    """Where a tensor or its storage can be reached another way than as one value of a plain state_dict, replacing
+    it would leave the other holder on an unread storage: nothing is read into NHWC then, and every value is
+    torch.load's."""
+    raw = torch_bytes(change(_nhwc_state()))
+    reference = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    ours = torch_load(raw, "m.pth", channels_last=True)
+    for key, value in reference.items():
+        if isinstance(value, torch.Tensor):
+            assert ours[key].stride() == value.stride(), key
+            assert torch.equal(ours[key].resolve_conj().resolve_neg(), value.resolve_conj().resolve_neg()), key
+    if "nested" in reference:
+        assert torch.equal(ours["nested"][0], reference["conv"])
+    if "storage" in reference:
+        assert torch.equal(torch.tensor(ours["storage"].tolist()), torch.tensor(reference["storage"].tolist()))
+    if change is _with_tensor_metadata:
+        assert torch.equal(ours._metadata[""]["version"], reference._metadata[""]["version"])
 
 
 def test_channels_last_read_of_a_big_endian_file_is_left_to_the_caller():
@@ -640,6 +708,19 @@ def test_the_cpu_default_load_reads_its_weights_once_in_nhwc(base, monkeypatch):
     with torch.inference_mode():
         expected = general(torch.from_numpy(x).contiguous(memory_format=torch.channels_last), ones).numpy()
     assert np.array_equal(model.predict(x, np.ones(3, np.float32)), expected)
+
+
+def test_contents_read_into_nhwc_build_the_contiguous_network_when_asked(base):
+    """``read_bundle(channels_last=True)`` then ``build_network(channels_last=False)``: the eager layout asked for,
+    the same values."""
+    contents = read_bundle(base, channels_last=True)
+    assert any(tensor.dim() == 4 and not tensor.is_contiguous() for tensor in contents.state_dict.values())
+    network = contents.build_network("cpu", adopt_weights=True, channels_last=False)
+    reference = read_bundle(base).state_dict
+    for key, tensor in network.state_dict().items():
+        assert tensor.is_contiguous(), key
+        if key in reference:
+            assert torch.equal(tensor, reference[key]), key
 
 
 def test_is_channels_last_is_the_strides_to_channels_last_gives():

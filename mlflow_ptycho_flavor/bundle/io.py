@@ -144,7 +144,7 @@ class BundleContents:
             device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
             adopt_weights: let the network take over :attr:`state_dict`'s tensors instead of copying them (no
                 random init, no copy: what the loaders use when the contents are discarded afterwards). Networks
-                built with it from the same contents share their weights.
+                built with it from the same contents share their weights, except those a layout change copies.
             channels_last: the 4-D weights in NHWC memory format, as ``network.to(memory_format=
                 torch.channels_last)`` leaves them; converted before adoption (one copy each, no module walk).
 
@@ -159,6 +159,9 @@ class BundleContents:
             state_dict: Mapping[str, torch.Tensor] = self.state_dict
             if channels_last:
                 state_dict = _channels_last_copies(state_dict)
+            else:  # weights read straight into NHWC (read_bundle(channels_last=True)) back in the layout asked for
+                state_dict = {key: tensor.contiguous() if tensor.dim() == 4 and is_channels_last(tensor) else tensor
+                              for key, tensor in state_dict.items()}
             with config_errors("diffraction_to_obj/model.pth"):
                 network = network_from_state_dict(self.network_config, state_dict)
             if channels_last:  # the buffers set outside the state_dict (the CNN's border masks)

@@ -609,6 +609,8 @@ class _StorageFile:
         #: With ``defer_reads``, storages are allocated while unpickling and filled by :meth:`fill` afterwards
         #: (memory is only touched when written, so a storage replaced by its NHWC copy never costs a page).
         self._pending: dict[str, tuple[RecordSpan, torch.Tensor, torch.dtype]] | None = {} if defer_reads else None
+        #: How often the pickle asked for each storage: once per tensor (or bare storage) built on it.
+        self._references: dict[str, int] = {}
 
     def _byteorder(self) -> str:
         """The order the storages were written in: the ``byteorder`` record (``"little"`` or ``"big"``), or
@@ -648,6 +650,7 @@ class _StorageFile:
         dtype = _STORAGE_DTYPES.get(storage_class) if isinstance(storage_class, type) else None
         if dtype is None or not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
             raise CorruptBundleError(f"{self._member} holds the malformed storage id {short_repr(saved_id)}")
+        self._references[key] = self._references.get(key, 0) + 1
         known = self._storages.get(key)
         if known is not None:
             if known.dtype != dtype or known.size() != numel:
@@ -678,17 +681,20 @@ class _StorageFile:
 
     def fill(self, decoded: Any, *, channels_last: bool) -> Any:
         """Read the storages deferred while unpickling (``defer_reads``) and return ``decoded``; with
-        ``channels_last``, the 4-D tensors of a flat mapping come back as ``tensor.to(memory_format=
+        ``channels_last``, the 4-D tensors of a state_dict come back as ``tensor.to(memory_format=
         torch.channels_last)`` gives them, read straight into NHWC.
 
-        Such a tensor (a plain tensor, the only one viewing its storage, contiguous NCHW over all of it, not already
-        in NHWC strides, native byte order) is read a slice of whole output channels at a time into one small
-        reused buffer and copied from there, while the slice is in cache, into its NHWC tensor: the weights are in
-        memory once, instead of an NCHW read and an NHWC copy of it (docs/bundle-format.md §1.3). Its NCHW storage
-        was allocated but never written, so it costs no page. Every other storage is read into place.
+        Only a plain state_dict is read that way (:func:`_plain_state_dict`: string keys, plain tensors as values
+        and nowhere else, module versions as the one attribute), and in it only a tensor that is the one user of its
+        storage, covers all of it in contiguous NCHW strides, carries no conjugate/negative bit, hooks or grad, and
+        is stored in native byte order: replacing such a tensor changes nothing anything else can see. It is read a
+        slice of whole output channels at a time into one small reused buffer and copied from there, while the
+        slice is in cache, into its NHWC tensor: the weights are in memory once, instead of an NCHW read and an
+        NHWC copy of it (docs/bundle-format.md §1.3); its NCHW storage was allocated but never written, so it
+        mostly costs no page. Every other storage is read into place.
         """
         pending, self._pending = self._pending or {}, None
-        if channels_last and isinstance(decoded, dict) and not self._swap:
+        if channels_last and not self._swap and _plain_state_dict(decoded):
             converted = self._read_channels_last(decoded, pending)
             for key, tensor in converted.items():
                 dict.__setitem__(decoded, key, tensor)  # an OrderedDict keeps its order and its _metadata
@@ -700,21 +706,17 @@ class _StorageFile:
         self, decoded: dict, pending: dict[str, tuple[RecordSpan, torch.Tensor, torch.dtype]]
     ) -> dict[str, torch.Tensor]:
         """The NHWC tensors of :meth:`fill` by mapping key; their records are taken off ``pending``."""
-        users: dict[int, int] = {}
-        for value in dict.values(decoded):
-            if isinstance(value, torch.Tensor):
-                pointer = value.untyped_storage().data_ptr()
-                users[pointer] = users.get(pointer, 0) + 1
-        record_of = {flat.data_ptr(): record for record, (_, flat, _) in pending.items()}
+        record_of = {flat.data_ptr(): record for record, (_, flat, _) in pending.items() if flat.numel()}
         converted: dict[str, torch.Tensor] = {}
         buffer: torch.Tensor | None = None
         for key, tensor in dict.items(decoded):
-            if type(tensor) is not torch.Tensor or tensor.dim() != 4 or tensor.requires_grad or not tensor.numel():
+            if tensor.dim() != 4 or not tensor.numel():
                 continue
-            pointer = tensor.untyped_storage().data_ptr()
-            record = record_of.get(pointer)
-            if (record is None or users[pointer] != 1 or tensor.storage_offset() != 0 or not tensor.is_contiguous()
-                    or is_channels_last(tensor) or tensor.nbytes != tensor.untyped_storage().nbytes()):
+            record = record_of.get(tensor.untyped_storage().data_ptr())
+            if (record is None or self._references[record] != 1 or tensor.storage_offset() != 0
+                    or not tensor.is_contiguous() or tensor.nbytes != tensor.untyped_storage().nbytes()
+                    or is_channels_last(tensor) or tensor.requires_grad or tensor.is_conj() or tensor.is_neg()
+                    or tensor._backward_hooks):
                 continue  # read into place; build_network converts it the general way
             span, _, _ = pending.pop(record)
             nhwc = torch.empty(tensor.shape, dtype=tensor.dtype, memory_format=torch.channels_last)
@@ -729,6 +731,32 @@ class _StorageFile:
                 nhwc[first : first + count].copy_(chunk.view(tensor.dtype).view(count, *tensor.shape[1:]))
             converted[key] = nhwc
         return converted
+
+
+def _plain_state_dict(decoded: Any) -> bool:
+    """Whether ``decoded`` is what ``torch.save(module.state_dict())`` writes and nothing more: a dict with string
+    keys, each value a distinct plain tensor without backward hooks, and at most ``_metadata`` as an attribute,
+    mapping module names to dicts of plain numbers and strings (``{"": {"version": 1}, ...}``). Then its values are
+    the only way to reach its tensors (a Parameter, a container or a hook could hold a tensor sharing a storage
+    without asking the pickle for it again), so :meth:`_StorageFile.fill` may replace one whose storage the pickle
+    named once without anything else holding the old one."""
+    if not isinstance(decoded, dict):
+        return False
+    attributes = getattr(decoded, "__dict__", {})
+    if set(attributes) - {"_metadata"}:
+        return False
+    metadata = attributes.get("_metadata", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(name, str) and isinstance(entry, dict)
+        and all(isinstance(field, str) and type(value) in (int, float, str, bool, type(None))
+                for field, value in dict.items(entry))
+        for name, entry in dict.items(metadata)
+    ):
+        return False
+    values = list(dict.values(decoded))
+    return (all(isinstance(key, str) for key in decoded)
+            and all(type(value) is torch.Tensor and not value._backward_hooks for value in values)
+            and len({id(value) for value in values}) == len(values))
 
 
 def is_channels_last(tensor: torch.Tensor) -> bool:
