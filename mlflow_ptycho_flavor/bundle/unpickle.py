@@ -607,7 +607,7 @@ class _StorageFile:
         self._storages: dict[str, torch.storage.TypedStorage] = {}
         self._swap = self._byteorder() != sys.byteorder
         #: With ``defer_reads``, storages are allocated while unpickling and filled by :meth:`fill` afterwards
-        #: (memory is only touched when written, so a storage replaced by its NHWC copy never costs a page).
+        #: (memory is mostly touched only when written, so a storage replaced by its NHWC copy costs next to nothing).
         self._pending: dict[str, tuple[RecordSpan, torch.Tensor, torch.dtype]] | None = {} if defer_reads else None
         #: How often the pickle asked for each storage: once per tensor (or bare storage) built on it.
         self._references: dict[str, int] = {}
@@ -790,7 +790,7 @@ def _direct_storage_prefix(spans: dict[str, RecordSpan]) -> str | None:
 def _unpickle_with_storages(pickled: bytes, storages: _StorageFile, member: str, *, channels_last: bool) -> Any:
     """``data.pkl`` through the C unpickler resolving :data:`_TORCH_ALLOWED_GLOBALS` (torch's own rebuild
     functions), its storages from :class:`_StorageFile`: ``torch.load``'s result without its per-tensor machinery
-    (with ``channels_last``, a flat mapping's 4-D tensors in NHWC: :meth:`_StorageFile.fill`)."""
+    (with ``channels_last``, a plain state_dict's 4-D tensors in NHWC: :meth:`_StorageFile.fill`)."""
     unpickler = type("_StorageUnpickler", (_AllowListUnpickler,), {"member": member})(io.BytesIO(pickled))
     unpickler.persistent_load = storages.storage
     return storages.fill(unpickler.load(), channels_last=channels_last)
