@@ -686,8 +686,8 @@ class _StorageFile:
 
         Only a plain state_dict is read that way (:func:`_plain_state_dict`: string keys, plain tensors as values
         and nowhere else, module versions as the one attribute), and in it only a tensor that is the one user of its
-        storage, covers all of it in contiguous NCHW strides, carries no conjugate/negative bit, hooks or grad, and
-        is stored in native byte order: replacing such a tensor changes nothing anything else can see. It is read a
+        storage, covers all of it in contiguous NCHW strides, carries no conjugate/negative bit or grad, and is
+        stored in native byte order: replacing such a tensor changes nothing anything else can see. It is read a
         slice of whole output channels at a time into one small reused buffer and copied from there, while the
         slice is in cache, into its NHWC tensor: the weights are in memory once, instead of an NCHW read and an
         NHWC copy of it (docs/bundle-format.md §1.3); its NCHW storage was allocated but never written, so it
@@ -715,8 +715,7 @@ class _StorageFile:
             record = record_of.get(tensor.untyped_storage().data_ptr())
             if (record is None or self._references[record] != 1 or tensor.storage_offset() != 0
                     or not tensor.is_contiguous() or tensor.nbytes != tensor.untyped_storage().nbytes()
-                    or is_channels_last(tensor) or tensor.requires_grad or tensor.is_conj() or tensor.is_neg()
-                    or tensor._backward_hooks):
+                    or is_channels_last(tensor) or tensor.requires_grad or tensor.is_conj() or tensor.is_neg()):
                 continue  # read into place; build_network converts it the general way
             span, _, _ = pending.pop(record)
             nhwc = torch.empty(tensor.shape, dtype=tensor.dtype, memory_format=torch.channels_last)
