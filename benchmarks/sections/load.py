@@ -275,8 +275,9 @@ def run(ctx: Context) -> SectionResult:
                     "beside both whole loads", note=(
                         "The pickle format's load is `torch.load` of one file, running whatever code it holds. Ours "
                         "adds what the table lists: the structure scans and the finite check on the loading "
-                        "thread, the digests on a worker thread (on the critical path only when the second core is "
-                        "busy), plus the small members (manifest, params, metadata), the nested-zip checks and the "
+                        "thread, the digests on a worker thread (a second core runs them, but each of their reads and "
+                        "hash updates takes the GIL back, so they wait while the loading thread runs Python and can "
+                        "end the load with it), plus the small members (manifest, params, metadata), the nested-zip checks and the "
                         "network adoption (phases above). The summary row 'less its main-thread checks' subtracts "
                         "the scans and the finite check repeat by repeat.")),
         RecordTable(ProfileEntry, profile(lambda: load_torch_bundle(main.bundle, device=cfg.device), calls=3),

@@ -160,23 +160,24 @@ def fixture_agreement(work: Path) -> tuple[list[FixtureAgreement], Check]:
         eager_model = PtychoTorchModel.from_bundle(bundle, device="cpu", channels_last=False)
         x, origin = fixture_inputs(default, source)
         ones = np.ones(x.shape[0], np.float32)
+        batch, factor = torch.from_numpy(x), torch.from_numpy(ones.reshape(-1, 1, 1, 1))
         with torch.inference_mode():
-            eager = eager_model.network(torch.from_numpy(x), torch.from_numpy(ones.reshape(-1, 1, 1, 1))).numpy()
+            eager = eager_model.network(batch, factor).numpy()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the flags' note on TF32 for Intel GPUs, on entry and exit
                 with torch.backends.mkldnn.flags(enabled=False):
-                    eager_other = eager_model.network(
-                        torch.from_numpy(x), torch.from_numpy(ones.reshape(-1, 1, 1, 1))).numpy()
-            exact = float64_copy(eager_model.network)(
-                torch.from_numpy(x).double(), torch.ones(x.shape[0], 1, 1, 1, dtype=torch.float64)).numpy()
+                    eager_other = eager_model.network(batch, factor).numpy()
+            exact = float64_copy(eager_model.network)(batch.double(), factor.double()).numpy()
         got = default.predict(x, ones)
         max_abs_eager = float(np.abs(eager).max())
         scale = max(1.0, max_abs_eager)
-        relative = float(np.abs(got - eager).max()) / scale
-        rows.append(FixtureAgreement(
-            name, origin, max_abs_eager, relative, float(np.abs(eager_other - eager).max()) / scale,
-            float(np.abs(eager - exact).max()) / scale, float(np.abs(got - exact).max()) / scale,
-            AGREEMENT_TARGET.holds(relative)))
+
+        def apart(a: np.ndarray, b: np.ndarray) -> float:
+            return float(np.abs(a - b).max()) / scale
+
+        relative = apart(got, eager)
+        rows.append(FixtureAgreement(name, origin, max_abs_eager, relative, apart(eager_other, eager),
+                                     apart(eager, exact), apart(got, exact), AGREEMENT_TARGET.holds(relative)))
     worst = max(rows, key=lambda row: row.default_vs_eager)
     within = sum(row.met for row in rows)
     known = f": from float64, default {worst.default_vs_float64:.2g}, eager {worst.eager_vs_float64:.2g}"
