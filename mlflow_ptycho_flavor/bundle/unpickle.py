@@ -564,6 +564,9 @@ class _AllowListUnpickler(pickle.Unpickler):
             mapped_module = _compat_pickle.IMPORT_MAPPING[module]
         if not _torch_global_allowed(mapped_module, mapped_name):
             _refuse_torch_global(self.member, f"{str(mapped_module)[:100]}.{str(mapped_name)[:100]}")
+        marker = _STORAGE_MARKERS.get(mapped_name) if mapped_module == "torch" else None
+        if marker is not None:
+            return marker.named_in(self.member)
         return super().find_class(module, name)
 
 
@@ -574,9 +577,40 @@ def _allow_list_pickle_module(member: str) -> Any:
     return types.SimpleNamespace(__name__=__name__, Unpickler=unpickler)
 
 
-def _legacy_storage_dtypes() -> dict[type, torch.dtype]:
-    """``torch.FloatStorage`` -> ``torch.float32``, ...: the storage classes ``torch.save`` names in persistent ids
-    (markers of a dtype; ``torch.UntypedStorage`` is not among them, and the allow-list refuses it)."""
+class _StorageMarker:
+    """What ``torch.FloatStorage``, ``torch.LongStorage``, ... resolve to while a torch member is unpickled: the
+    dtype its persistent ids name (the one thing ``torch.save`` uses the class for, and all ``torch.load``'s own
+    ``persistent_load`` reads of it), never the class.
+
+    The real class would also be reachable as a callable: ``REDUCE`` on ``torch.FloatStorage`` with a count of
+    ``2**31`` makes the unpickler allocate 8 GiB from a pickle of a few bytes. Calling a marker refuses instead.
+    """
+
+    __slots__ = ("name", "dtype", "member")
+
+    def __init__(self, name: str, dtype: torch.dtype, member: str = "a torch member") -> None:
+        self.name = name
+        self.dtype = dtype
+        self.member = member
+
+    def named_in(self, member: str) -> "_StorageMarker":
+        """This marker, naming ``member`` in its refusal."""
+        return self if member == self.member else _StorageMarker(self.name, self.dtype, member)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafeBundleError(
+            f"{self.member} calls torch.{self.name} to build a storage of a size the pickle chooses (a few bytes can "
+            "allocate gigabytes); torch.save only names storage classes in persistent ids, so the file was written "
+            "by something else and is refused"
+        )
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+def _legacy_storage_markers() -> dict[str, _StorageMarker]:
+    """``"FloatStorage"`` -> a marker of ``torch.float32``, ...: the storage classes ``torch.save`` names in
+    persistent ids (``torch.UntypedStorage`` is not among them, and the allow-list refuses it)."""
     table = {}
     with warnings.catch_warnings():  # reading ``.dtype`` of the legacy classes warns that TypedStorage is deprecated
         warnings.simplefilter("ignore")
@@ -584,11 +618,11 @@ def _legacy_storage_dtypes() -> dict[type, torch.dtype]:
             if name.endswith("Storage") and _torch_global_allowed("torch", name):
                 dtype = getattr(value, "dtype", None)
                 if isinstance(dtype, torch.dtype):
-                    table[value] = dtype
+                    table[name] = _StorageMarker(name, dtype)
     return table
 
 
-_STORAGE_DTYPES = _legacy_storage_dtypes()
+_STORAGE_MARKERS = _legacy_storage_markers()
 
 
 class _StorageFile:
@@ -647,7 +681,7 @@ class _StorageFile:
         if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
             raise CorruptBundleError(f"{self._member} holds the persistent id {short_repr(saved_id)}, not a storage")
         _, storage_class, key, location, numel = saved_id
-        dtype = _STORAGE_DTYPES.get(storage_class) if isinstance(storage_class, type) else None
+        dtype = storage_class.dtype if isinstance(storage_class, _StorageMarker) else None
         if dtype is None or not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
             raise CorruptBundleError(f"{self._member} holds the malformed storage id {short_repr(saved_id)}")
         self._references[key] = self._references.get(key, 0) + 1
