@@ -223,6 +223,20 @@ def _replace_data_pkl(torch_file: bytes, data_pkl: bytes) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.parametrize(
+    "storage, count",
+    [("FloatStorage", b"J\xff\xff\xff\x7f"), ("LongStorage", b"\x8a\x06\x00\x00\x00\x00\x00\x01")],
+    ids=["float-8GiB", "long-2TiB"],
+)
+@pytest.mark.parametrize("member", ["weights", "metadata"])
+def test_torch_pickle_calling_a_storage_class_is_refused(members, tmp_path, storage, count, member):
+    """``torch.FloatStorage`` is on the allow-list as the dtype marker of persistent ids; called, it allocates
+    whatever count a few bytes name (2**31 floats: 8 GiB). Refused where the call would happen, nothing allocated."""
+    data_pkl = b"\x80\x02ctorch\n" + storage.encode() + b"\nq\x00(" + count + b"tq\x01Rq\x02."
+    path = _bundle(tmp_path, members, **{member: _replace_data_pkl(torch_bytes({}), data_pkl)})
+    refused(path, UnsafeBundleError, rf"calls torch\.{storage} to build a storage of a size the pickle chooses")
+
+
 def _with_extra_directory_entries(data: bytes, extra: int, *, declared: int | None = None, prefix: str = "junk/"):
     """``data`` (a zip) with ``extra`` more central-directory entries (named ``<prefix><i>``, pointing at the first
     local header) and a new end record, zip64 when the count needs it; ``declared`` overrides the entry count the
