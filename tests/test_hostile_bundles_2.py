@@ -237,6 +237,19 @@ def test_torch_pickle_calling_a_storage_class_is_refused(members, tmp_path, stor
     refused(path, UnsafeBundleError, rf"calls torch\.{storage} to build a storage of a size the pickle chooses")
 
 
+@pytest.mark.parametrize("member", ["weights", "metadata"])
+def test_torch_pickle_applying_state_to_a_storage_class_is_refused(members, tmp_path, member):
+    """``BUILD`` on the storage class's marker (``torch.FloatStorage.__setstate__({...})``) would be the one way to
+    alter the marker every unpickler shares; it is refused as what torch.save never writes, and the shared marker is
+    unchanged afterwards."""
+    from mlflow_ptycho_flavor.bundle.unpickle import STORAGE_MARKERS
+
+    data_pkl = b"\x80\x02ctorch\nFloatStorage\nq\x00}q\x01X\x05\x00\x00\x00dtypeq\x02K\x01sb."
+    path = _bundle(tmp_path, members, **{member: _replace_data_pkl(torch_bytes({}), data_pkl)})
+    refused(path, UnsafeBundleError, r"applies state \(BUILD\) to torch\.FloatStorage, which torch\.save never does")
+    assert STORAGE_MARKERS["FloatStorage"].dtype is torch.float32
+
+
 def _with_extra_directory_entries(data: bytes, extra: int, *, declared: int | None = None, prefix: str = "junk/"):
     """``data`` (a zip) with ``extra`` more central-directory entries (named ``<prefix><i>``, pointing at the first
     local header) and a new end record, zip64 when the count needs it; ``declared`` overrides the entry count the

@@ -56,6 +56,8 @@ __all__ = [
     "ALLOW_PICKLE_ENV",
     "MAX_DEPTH",
     "MAX_RANGE_LENGTH",
+    "StorageMarker",
+    "STORAGE_MARKERS",
 ]
 
 ALLOW_PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
@@ -564,7 +566,7 @@ class _AllowListUnpickler(pickle.Unpickler):
             mapped_module = _compat_pickle.IMPORT_MAPPING[module]
         if not _torch_global_allowed(mapped_module, mapped_name):
             _refuse_torch_global(self.member, f"{str(mapped_module)[:100]}.{str(mapped_name)[:100]}")
-        marker = _STORAGE_MARKERS.get(mapped_name) if mapped_module == "torch" else None
+        marker = STORAGE_MARKERS.get(mapped_name) if mapped_module == "torch" else None
         if marker is not None:
             return marker.named_in(self.member)
         return super().find_class(module, name)
@@ -577,38 +579,56 @@ def _allow_list_pickle_module(member: str) -> Any:
     return types.SimpleNamespace(__name__=__name__, Unpickler=unpickler)
 
 
-class _StorageMarker:
-    """What ``torch.FloatStorage``, ``torch.LongStorage``, ... resolve to while a torch member is unpickled: the
+class StorageMarker:
+    """What ``torch.FloatStorage``, ``torch.LongStorage``, ... resolve to while a torch pickle is unpickled (a
+    bundle's members here, a Lightning checkpoint in :mod:`~mlflow_ptycho_flavor.convert.checkpoint_pickle`): the
     dtype its persistent ids name (the one thing ``torch.save`` uses the class for, and all ``torch.load``'s own
     ``persistent_load`` reads of it), never the class.
 
     The real class would also be reachable as a callable: ``REDUCE`` on ``torch.FloatStorage`` with a count of
-    ``2**31`` makes the unpickler allocate 8 GiB from a pickle of a few bytes. Calling a marker refuses instead.
+    ``2**31`` makes the unpickler allocate 8 GiB from a pickle of a few bytes. Calling a marker, or applying state
+    to it (``BUILD``), raises ``refusal`` instead; it has no instance dict, so one marker can be shared by every
+    unpickler without a hostile pickle altering it.
     """
 
-    __slots__ = ("name", "dtype", "member")
+    __slots__ = ("name", "dtype", "member", "refusal")
 
-    def __init__(self, name: str, dtype: torch.dtype, member: str = "a torch member") -> None:
+    def __init__(
+        self, name: str, dtype: torch.dtype, member: str = "a torch member",
+        refusal: type[UnsafeBundleError] = UnsafeBundleError,
+    ) -> None:
         self.name = name
         self.dtype = dtype
         self.member = member
+        self.refusal = refusal
 
-    def named_in(self, member: str) -> "_StorageMarker":
-        """This marker, naming ``member`` in its refusal."""
-        return self if member == self.member else _StorageMarker(self.name, self.dtype, member)
+    def named_in(self, member: str, refusal: type[UnsafeBundleError] = UnsafeBundleError) -> "StorageMarker":
+        """This marker, naming ``member`` in its refusals and raising ``refusal`` (a subclass of
+        :class:`~mlflow_ptycho_flavor.errors.UnsafeBundleError`)."""
+        if member == self.member and refusal is self.refusal:
+            return self
+        return StorageMarker(self.name, self.dtype, member, refusal)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise UnsafeBundleError(
+        raise self.refusal(
             f"{self.member} calls torch.{self.name} to build a storage of a size the pickle chooses (a few bytes can "
             "allocate gigabytes); torch.save only names storage classes in persistent ids, so the file was written "
             "by something else and is refused"
         )
 
+    def __setstate__(self, state: Any) -> None:
+        raise self.refusal(
+            f"{self.member} applies state (BUILD) to torch.{self.name}, which torch.save never does; refused"
+        )
+
+    def __reduce__(self) -> Any:
+        raise TypeError("storage markers stand in for torch's storage classes while unpickling and cannot be pickled")
+
     def __repr__(self) -> str:
         return f"torch.{self.name}"
 
 
-def _legacy_storage_markers() -> dict[str, _StorageMarker]:
+def _legacy_storage_markers() -> dict[str, StorageMarker]:
     """``"FloatStorage"`` -> a marker of ``torch.float32``, ...: the storage classes ``torch.save`` names in
     persistent ids (``torch.UntypedStorage`` is not among them, and the allow-list refuses it)."""
     table = {}
@@ -618,11 +638,13 @@ def _legacy_storage_markers() -> dict[str, _StorageMarker]:
             if name.endswith("Storage") and _torch_global_allowed("torch", name):
                 dtype = getattr(value, "dtype", None)
                 if isinstance(dtype, torch.dtype):
-                    table[name] = _StorageMarker(name, dtype)
+                    table[name] = StorageMarker(name, dtype)
     return table
 
 
-_STORAGE_MARKERS = _legacy_storage_markers()
+#: Storage class name (``"FloatStorage"``) -> its :class:`StorageMarker`: the only form in which any of this
+#: package's unpicklers hands out a storage class.
+STORAGE_MARKERS = _legacy_storage_markers()
 
 
 class _StorageFile:
@@ -681,7 +703,7 @@ class _StorageFile:
         if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
             raise CorruptBundleError(f"{self._member} holds the persistent id {short_repr(saved_id)}, not a storage")
         _, storage_class, key, location, numel = saved_id
-        dtype = storage_class.dtype if isinstance(storage_class, _StorageMarker) else None
+        dtype = storage_class.dtype if isinstance(storage_class, StorageMarker) else None
         if dtype is None or not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int:
             raise CorruptBundleError(f"{self._member} holds the malformed storage id {short_repr(saved_id)}")
         self._references[key] = self._references.get(key, 0) + 1

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from mlflow_ptycho_flavor.bundle.budget import scan_pickle_structure
-from mlflow_ptycho_flavor.bundle.unpickle import check_plain_data
+from mlflow_ptycho_flavor.bundle.unpickle import STORAGE_MARKERS, StorageMarker, check_plain_data
 from mlflow_ptycho_flavor.errors import (
     CorruptBundleError,
     CorruptCheckpointError,
@@ -34,16 +34,13 @@ from mlflow_ptycho_flavor.errors import (
     short_repr,
 )
 
-#: Storage globals and their dtypes: float32 weights, int64 counters, complex64 spectral weights (FNO family, §8.6).
-_STORAGE_DTYPES: dict[str, torch.dtype] = {
-    "FloatStorage": torch.float32,
-    "LongStorage": torch.int64,
-    "ComplexFloatStorage": torch.complex64,
-}
+#: Storage globals a checkpoint may name: float32 weights, int64 counters, complex64 spectral weights (FNO family,
+#: §8.6). They resolve to the bundle reader's inert :class:`~mlflow_ptycho_flavor.bundle.unpickle.StorageMarker`.
+_STORAGE_NAMES = ("FloatStorage", "LongStorage", "ComplexFloatStorage")
 #: Every global the restricted unpickler resolves (module, name); nothing else is ever looked up.
 CHECKPOINT_ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2")}
-    | {("torch", name) for name in _STORAGE_DTYPES}
+    | {("torch", name) for name in _STORAGE_NAMES}
 )
 _STORAGE_KEY = re.compile(r"^[0-9A-Za-z_.-]{1,64}$")
 _MAX_DIMS = 16
@@ -73,7 +70,8 @@ DEFAULT_CHECKPOINT_LIMITS = CheckpointLimits()
 # Restricted unpickling: inert stand-ins for storages and tensors
 # ----------------------------------------------------------------------------------------------------------------
 class _StandIn:
-    """Base of the objects the allowed globals resolve to: no instance dict, and pickle's BUILD is refused.
+    """Base of the constructors the allowed callables resolve to (storage classes resolve to the bundle reader's
+    :class:`~mlflow_ptycho_flavor.bundle.unpickle.StorageMarker`): no instance dict, and pickle's BUILD is refused.
 
     Fresh instances are made per unpickler, so a hostile pickle cannot alter anything that outlives it.
     """
@@ -85,23 +83,6 @@ class _StandIn:
 
     def __reduce__(self) -> Any:
         raise TypeError("checkpoint stand-ins cannot be pickled")
-
-
-class _StorageType(_StandIn):
-    """What ``torch.FloatStorage`` / ``LongStorage`` / ``ComplexFloatStorage`` resolve to: a dtype marker, never
-    called."""
-
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.dtype = _STORAGE_DTYPES[name]
-
-    def __call__(self, *args: Any) -> Any:
-        raise UnsafeCheckpointError(f"the pickle calls torch.{self.name}(...) directly, which torch.save never does")
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
 
 
 class _Constructor(_StandIn):
@@ -229,7 +210,7 @@ class _CheckpointUnpickler(pickle.Unpickler):
             return _Constructor(_ordered_dict, "collections.OrderedDict")
         if module == "torch._utils":
             return _Constructor(_rebuild_tensor_stand_in, "torch._utils._rebuild_tensor_v2")
-        return _StorageType(name)
+        return STORAGE_MARKERS[name].named_in(self._source, UnsafeCheckpointError)
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -237,7 +218,7 @@ class _CheckpointUnpickler(pickle.Unpickler):
                 f"{self._source} uses the persistent id {_quote(pid)}; torch.save only writes storage records"
             )
         _, storage_type, key, location, numel = pid
-        if type(storage_type) is not _StorageType:
+        if type(storage_type) is not StorageMarker:
             raise UnsafeCheckpointError(f"{self._source}: a storage record names {_quote(storage_type)} as its type")
         if not isinstance(key, str) or not _STORAGE_KEY.match(key):
             raise CorruptCheckpointError(f"{self._source}: invalid storage key {_quote(key)}")
