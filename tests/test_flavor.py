@@ -10,6 +10,7 @@ The autouse ``mlflow_store`` fixture (conftest) gives every test its own store, 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import subprocess
@@ -30,6 +31,7 @@ from packaging.version import Version
 
 import mlflow_ptycho_flavor
 from mlflow_ptycho_flavor import PtychoPINNNetwork, PtychoTorchModel, load_torch_bundle, save_torch_bundle
+from mlflow_ptycho_flavor.network import use_channels_last
 
 from conftest import REPO_ROOT, UPSTREAM_DIR
 
@@ -96,7 +98,7 @@ def standalone(model_dirs) -> dict[int, PtychoPINNNetwork]:
     layout the models predict with on the CPU by default (NHWC; contiguous is compared in
     test_channels_last_is_the_cpu_default_and_matches_the_contiguous_layout)."""
     return {
-        g: load_torch_bundle(d / "wts.h5.zip", device="cpu")[0].to(memory_format=torch.channels_last)
+        g: use_channels_last(load_torch_bundle(d / "wts.h5.zip", device="cpu")[0])
         for g, d in model_dirs.items()
     }
 
@@ -223,7 +225,7 @@ def test_bundle_downloaded_from_logged_model_loads_standalone_and_equals_the_log
     assert list(network.state_dict()) == list(original)
     for key, tensor in network.state_dict().items():
         assert torch.equal(tensor, original[key]), key
-    network = network.to(memory_format=torch.channels_last)  # the layout `expected` was computed in
+    network = use_channels_last(network)  # the layout `expected` was computed in
     np.testing.assert_array_equal(_network_output(network, inputs[1][0]), expected[1]["plain"])
 
 
@@ -675,18 +677,30 @@ def test_tracking_and_artifacts_stay_under_tmp_path(networks, mlflow_store, tmp_
 
 @pytest.mark.parametrize("gridsize", [1, 2])
 def test_channels_last_is_the_cpu_default_and_matches_the_contiguous_layout(model_dirs, pyfuncs, gridsize):
-    """On the CPU the default (channels_last=None) is NHWC, the faster layout; model_config / load_model can turn it
-    off. Both agree to float rounding, and the pyfunc and native defaults agree bit for bit."""
+    """On the CPU the default (channels_last=None) runs NHWC activations, the faster layout, with the weights as
+    stored (oneDNN reorders them for every convolution: the same bits as converting them); model_config / load_model
+    can turn it off. Both agree to float rounding, and the pyfunc and native defaults agree bit for bit."""
     default = pyfuncs[gridsize]
     network = default.get_raw_model()
-    assert network.model.autoencoder.encoder.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    first_conv = network.model.autoencoder.encoder.blocks[0].conv1
+    assert network.channels_last and first_conv.weight.is_contiguous()  # NCHW weights, nothing copied at load
+    activations = []
+    hook = first_conv.register_forward_hook(lambda module, args, out: activations.append((args[0], out)))
     plain = mlflow.pyfunc.load_model(str(model_dirs[gridsize]), model_config={"device": "cpu", "channels_last": False})
-    assert plain.get_raw_model().model.autoencoder.encoder.blocks[0].conv1.weight.is_contiguous()
+    assert not plain.get_raw_model().channels_last
     x = np.random.default_rng(gridsize).uniform(0, 2, (5, gridsize**2, 64, 64)).astype(np.float32)
     reference = plain.predict(x)
     contiguous, _ = load_torch_bundle(model_dirs[gridsize] / "wts.h5.zip", device="cpu")
     np.testing.assert_array_equal(reference, _network_output(contiguous, x))  # off: the eager network exactly
     got = default.predict(x)
+    hook.remove()
+    for tensor in activations[0]:  # the first convolution's input and output, in exact NHWC strides
+        batch, channels, height, width = tensor.shape
+        assert tensor.stride() == (height * width * channels, 1, width * channels, channels)
+    # the weights' layout changes no bit: the network converted whole (torch's channels_last) gives the same output
+    nhwc_weights = copy.deepcopy(contiguous).to(memory_format=torch.channels_last)
+    assert first_conv.weight.stride() != nhwc_weights.model.autoencoder.encoder.blocks[0].conv1.weight.stride()
+    np.testing.assert_array_equal(got, _network_output(nhwc_weights, x))
     np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5 * max(1.0, float(np.abs(reference).max())))
     native = mlflow.ptycho_torch.load_model(str(model_dirs[gridsize]), device="cpu")
     np.testing.assert_array_equal(native.predict(x), got)

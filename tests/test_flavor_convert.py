@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_ptycho_flavor import load_torch_bundle, read_bundle
 from mlflow_ptycho_flavor.convert import convert_checkpoint, convert_tf_bundle
 from mlflow_ptycho_flavor.errors import ArchitectureEraError, UnconvertibleInputError
-from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
+from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork, use_channels_last
 
 DATA = Path(__file__).resolve().parent / "data"
 CKPT_DIR = DATA / "checkpoints" / "main_n64_g1_default"
@@ -45,7 +45,7 @@ def _standalone_output(bundle: Path, x: np.ndarray, scale: np.ndarray) -> np.nda
     """The bundle's network as ``load_torch_bundle`` rebuilds it, in the layout the models predict with on the CPU
     by default (NHWC)."""
     network, _ = load_torch_bundle(bundle, device="cpu")
-    network = network.to(memory_format=torch.channels_last)
+    network = use_channels_last(network)
     with torch.no_grad():
         return network(torch.from_numpy(x), torch.from_numpy(scale.reshape(-1, 1, 1, 1))).numpy()
 

@@ -22,6 +22,7 @@ import mlflow_ptycho_flavor  # noqa: F401  (registers mlflow.ptycho_torch)
 from fno_helpers import FIXTURE_DIR, TOLERANCE, read_fixture
 from mlflow_ptycho_flavor import load_torch_bundle
 from mlflow_ptycho_flavor.flavor import save_model
+from mlflow_ptycho_flavor.network import use_channels_last
 
 FIXTURE = "n64_g1_ffno_default"
 OTHER_PROCESS_ATOL = 1e-5
@@ -44,7 +45,7 @@ def standalone(fixture):
     """The standalone load's output on the recorded inputs (the reference of this module), in the layout the models
     predict with on the CPU by default (NHWC)."""
     network, _ = load_torch_bundle(fixture["bundle"], device="cpu")
-    network = network.to(memory_format=torch.channels_last)
+    network = use_channels_last(network)
     io_ = fixture["io"]
     with torch.no_grad():
         out = network(torch.from_numpy(io_["x"]), torch.from_numpy(io_["input_scale_factor"])).numpy()

@@ -683,30 +683,26 @@ def test_channels_last_read_of_a_big_endian_file_is_left_to_the_caller():
     assert torch.equal(ours["w"], state["w"]) and ours["w"].is_contiguous()
 
 
-def test_the_cpu_default_load_reads_its_weights_once_in_nhwc(base, monkeypatch):
-    """``from_bundle`` on the CPU reads the 4-D weights straight into NHWC: build_network has nothing left to copy,
-    and the network predicts bit for bit what the general path (NCHW read, then converted) predicts."""
+def test_the_cpu_default_load_copies_no_weight(base, monkeypatch):
+    """``from_bundle`` on the CPU runs NHWC activations on the weights as read (NCHW): nothing is converted or read
+    into NHWC, and the network predicts bit for bit what the whole network converted by torch's channels_last
+    predicts (oneDNN reorders the weights for every convolution whatever their strides)."""
     from mlflow_ptycho_flavor.bundle import io as bundle_io
+    from mlflow_ptycho_flavor.bundle import unpickle as bundle_unpickle
     from mlflow_ptycho_flavor.model.inference import PtychoTorchModel
 
-    general = read_bundle(base).build_network("cpu", adopt_weights=True, channels_last=True)
-    converted_keys = []
-    copies = bundle_io._channels_last_copies
-
-    def recording(state_dict):
-        result = copies(state_dict)
-        converted_keys.extend(key for key in state_dict if result[key] is not state_dict[key])
-        return result
-
-    monkeypatch.setattr(bundle_io, "_channels_last_copies", recording)
+    converted = read_bundle(base).build_network("cpu", adopt_weights=True).to(memory_format=torch.channels_last)
+    conversions = []
+    monkeypatch.setattr(bundle_io, "_channels_last_copies", lambda state_dict: conversions.append("copies"))
+    monkeypatch.setattr(bundle_unpickle._StorageFile, "_read_channels_last",
+                        lambda *args: conversions.append("nhwc read"))
     model = PtychoTorchModel.from_bundle(base, device="cpu")
-    assert converted_keys == []
+    assert conversions == [] and model.network.channels_last
     four_d = [p for p in model.network.state_dict().values() if p.dim() == 4]
-    assert four_d and all(bundle_io.is_channels_last(p) for p in four_d)
+    assert four_d and all(p.is_contiguous() for p in four_d)
     x = np.random.default_rng(5).uniform(0, 2, (3, model.channels, model.N, model.N)).astype(np.float32)
-    ones = torch.ones(3, 1, 1, 1)
     with torch.inference_mode():
-        expected = general(torch.from_numpy(x).contiguous(memory_format=torch.channels_last), ones).numpy()
+        expected = converted(torch.from_numpy(x), torch.ones(3, 1, 1, 1)).numpy()
     assert np.array_equal(model.predict(x, np.ones(3, np.float32)), expected)
 
 

@@ -76,6 +76,7 @@ from mlflow_ptycho_flavor.network import (
     build_network,
     network_from_state_dict,
     resolve_device,
+    use_channels_last,
 )
 
 __all__ = [
@@ -145,8 +146,12 @@ class BundleContents:
             adopt_weights: let the network take over :attr:`state_dict`'s tensors instead of copying them (no
                 random init, no copy: what the loaders use when the contents are discarded afterwards). Networks
                 built with it from the same contents share their weights, except those a layout change copies.
-            channels_last: the 4-D weights in NHWC memory format, as ``network.to(memory_format=
-                torch.channels_last)`` leaves them; converted before adoption (one copy each, no module walk).
+            channels_last: run the network's activations in NHWC memory format
+                (:func:`~mlflow_ptycho_flavor.network.use_channels_last`: its input and 4-D buffers). On the CPU
+                the weights keep their stored layout (oneDNN reorders them for every convolution whatever their
+                strides: the same bits, as fast, and nothing to copy at load); on other devices the 4-D weights
+                are converted too, as ``network.to(memory_format=torch.channels_last)`` leaves them (before
+                adoption: one copy each, no module walk).
 
         Raises:
             ValueError: ``device`` is not valid or not available.
@@ -155,28 +160,28 @@ class BundleContents:
         """
         target = resolve_device(device)
         check_fits(self.network_config, self.state_dict, stored_bytes(self.state_dict))
+        nhwc_weights = channels_last and target.type != "cpu"
         if adopt_weights:
             state_dict: Mapping[str, torch.Tensor] = self.state_dict
-            if channels_last:
+            if nhwc_weights:
                 state_dict = _channels_last_copies(state_dict)
-            else:  # weights read straight into NHWC (read_bundle(channels_last=True)) back in the layout asked for
+            elif not channels_last:  # weights read straight into NHWC (read_bundle(channels_last=True)) back in NCHW
                 state_dict = {key: tensor.contiguous() if tensor.dim() == 4 and is_channels_last(tensor) else tensor
                               for key, tensor in state_dict.items()}
             with config_errors("diffraction_to_obj/model.pth"):
                 network = network_from_state_dict(self.network_config, state_dict)
-            if channels_last:  # the buffers set outside the state_dict (the CNN's border masks)
-                for module in network.modules():
-                    for name, buffer in module._buffers.items():
-                        if buffer is not None and buffer.dim() == 4:
-                            module._buffers[name] = buffer.to(memory_format=torch.channels_last)
             # the weights were read onto the CPU: moving there would only walk every module (.to(device) keeps
             # each tensor's memory format)
-            return (network if target.type == "cpu" else network.to(target)).eval()
-        with config_errors("the bundle's network configuration"):
-            network = build_network(self.network_config)
-        strict_load(network, self.state_dict)
-        network = network.to(target)
-        return (network.to(memory_format=torch.channels_last) if channels_last else network).eval()
+            if target.type != "cpu":
+                network = network.to(target)
+        else:
+            with config_errors("the bundle's network configuration"):
+                network = build_network(self.network_config)
+            strict_load(network, self.state_dict)
+            network = network.to(target)
+            if nhwc_weights:
+                network = network.to(memory_format=torch.channels_last)
+        return (use_channels_last(network) if channels_last else network).eval()
 
 
 def _channels_last_copies(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

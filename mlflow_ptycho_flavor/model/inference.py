@@ -402,7 +402,9 @@ class PtychoTorchModel:
         Args:
             path: the bundle.
             device: ``None``/``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
-            channels_last: NHWC memory format for the convolutions. ``None`` (default): on the CPU, where it is
+            channels_last: NHWC memory format for the activations (on the CPU the weights keep their stored
+                layout: :meth:`~mlflow_ptycho_flavor.bundle.BundleContents.build_network`). ``None`` (default): on
+                the CPU, where it is
                 1.4x faster for the CNN and the FFNO at N=64 (torch's convolutions, the copies of its
                 nearest-neighbour upsampling, its pooling and its max reductions are all slower on contiguous data
                 there: benchmarks/RESULTS.md §1) and no slower for the FNO, and off on a GPU. Outputs agree with the
@@ -414,9 +416,11 @@ class PtychoTorchModel:
             BundleError: the bundle cannot be read (a subclass naming the cause).
             ValueError: ``device`` is not valid or not available.
         """
+        on_cpu = resolve_device(device).type == "cpu"
         if channels_last is None:
-            channels_last = resolve_device(device).type == "cpu"
-        contents = read_bundle(path, channels_last=channels_last)
+            channels_last = on_cpu
+        # NHWC weights only where the device wants them (build_network: on the CPU the weights keep their layout)
+        contents = read_bundle(path, channels_last=channels_last and not on_cpu)
         restore_params(contents.params)  # CONFIG-001, before the network is built
         network = contents.build_network(device, adopt_weights=True, channels_last=channels_last)
         return cls(

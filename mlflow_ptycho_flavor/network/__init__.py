@@ -21,7 +21,7 @@ import torch
 
 from mlflow_ptycho_flavor.errors import InvalidArgumentError
 from mlflow_ptycho_flavor.network.cnn import PtychoPINNNetwork, encoder_depth
-from mlflow_ptycho_flavor.network.common import weightless_construction
+from mlflow_ptycho_flavor.network.common import use_channels_last, weightless_construction
 from mlflow_ptycho_flavor.network.config import SUPPORTED_PATCH_SIZES, NetworkConfig
 from mlflow_ptycho_flavor.network.fno import PtychoFnoNetwork
 from mlflow_ptycho_flavor.network.fno_config import FNO_ARCHITECTURES, FnoNetworkConfig
@@ -38,6 +38,7 @@ __all__ = [
     "build_network",
     "config_classes",
     "describe_architecture",
+    "use_channels_last",
     "encoder_depth",
     "network_classes",
     "network_from_state_dict",

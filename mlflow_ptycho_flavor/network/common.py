@@ -16,7 +16,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ForwardModel", "ScaledInputNetwork", "fixed_input_scale", "weightless_construction", "adopting_network"]
+__all__ = [
+    "ForwardModel", "ScaledInputNetwork", "fixed_input_scale", "weightless_construction", "adopting_network", "nhwc",
+    "use_channels_last",
+]
 
 #: What a layer's ``reset_parameters`` calls: every in-place initialiser of ``torch.nn.init`` and the tensor methods
 #: they end in. Skipped while a network is built only to adopt stored weights.
@@ -190,6 +193,8 @@ class ScaledInputNetwork(nn.Module):
 
     config: Any
     _fixed_input_scale: torch.Tensor | None
+    #: Whether the forward runs its activations in NHWC memory format (:func:`use_channels_last`); class default off.
+    channels_last: bool = False
 
     @property
     def input_channels(self) -> int:
@@ -201,9 +206,44 @@ class ScaledInputNetwork(nn.Module):
         return self._fixed_input_scale is not None
 
     def scaled_input(self, x: torch.Tensor, input_scale_factor: torch.Tensor | float | None) -> torch.Tensor:
-        """``x`` times the fixed scale when the network has one, else times the caller's factor (``None`` means 1)."""
+        """``x`` times the fixed scale when the network has one, else times the caller's factor (``None`` means 1);
+        in NHWC strides when :attr:`channels_last` is set (the layout every later activation then keeps)."""
         if self._fixed_input_scale is not None:
-            return x * self._fixed_input_scale
-        if input_scale_factor is not None:
-            return x * input_scale_factor
+            x = x * self._fixed_input_scale
+        elif input_scale_factor is not None:
+            x = x * input_scale_factor
+        return nhwc(x) if self.channels_last and x.dim() == 4 else x
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (4-D) with exactly the strides ``x.contiguous(memory_format=torch.channels_last)`` means.
+
+    The convolutions take the NHWC path when their input has these strides, and every later activation keeps
+    them. A one-channel tensor holds its values in the same order in both layouts, so it gets a free view with
+    those strides; ``x.contiguous(memory_format=torch.channels_last)`` would return it unchanged, still with NCHW
+    strides (which torch reads as NCHW).
+    """
+    batch, channels, height, width = x.shape
+    strides = (height * width * channels, 1, width * channels, channels)
+    if x.stride() == strides:
         return x
+    if channels == 1 and x.is_contiguous():
+        return x.as_strided(x.shape, strides)
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
+def use_channels_last(network: nn.Module) -> nn.Module:
+    """Make ``network`` (a :class:`ScaledInputNetwork`) run its activations in NHWC: its input is given NHWC strides
+    (:func:`nhwc`) and its 4-D buffers (the CNN's border masks) are converted; returns it.
+
+    The 4-D weights are left as they are. On the CPU that changes nothing but the load: oneDNN reorders every
+    convolution's weights into its own blocked layout on each call whatever their strides, so NHWC activations
+    with NCHW weights give the same bits, as fast, as ``network.to(memory_format=torch.channels_last)``
+    (benchmarks/RESULTS.md §1). On a GPU the caller converts the weights too (cuDNN wants both in one layout).
+    """
+    for module in network.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.dim() == 4:
+                module._buffers[name] = buffer.to(memory_format=torch.channels_last)
+    network.channels_last = True
+    return network
