@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -490,3 +492,46 @@ def test_config_derived_quantities():
     assert NetworkConfig(C_model=9).gridsize == 3
     assert NetworkConfig(C_model=4).channels == 4
     assert NetworkConfig(C_model=4, object_big=False).channels == 1
+
+
+def _exact_nhwc(tensor: torch.Tensor) -> bool:
+    batch, channels, height, width = tensor.shape
+    return tensor.stride() == (height * width * channels, 1, width * channels, channels)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (2, 4, 8, 8), (3, 1, 1, 5), (0, 1, 8, 8)])
+def test_nhwc_gives_exact_channels_last_strides_and_the_same_values(shape):
+    """What the convolutions read as NHWC: one-channel tensors too, which ``contiguous(channels_last)`` leaves with
+    NCHW strides (a free view here: their values are already in NHWC order)."""
+    from mlflow_ptycho_flavor.network.common import nhwc
+
+    x = torch.randn(shape)
+    y = nhwc(x)
+    assert _exact_nhwc(y) and torch.equal(y, x)
+    if shape[1] == 1:
+        assert y.data_ptr() == x.data_ptr()  # no copy
+        if shape == (2, 1, 8, 8):  # what torch's own conversion leaves: NCHW strides, read as NCHW
+            assert not _exact_nhwc(x.contiguous(memory_format=torch.channels_last))
+    assert nhwc(y) is y
+    strided = torch.randn(shape[0], shape[1], shape[2], shape[3] * 2)[..., ::2]  # not contiguous: copied
+    assert _exact_nhwc(nhwc(strided)) and torch.equal(nhwc(strided), strided)
+
+
+def test_use_channels_last_runs_nhwc_activations_on_the_stored_weights():
+    """The CPU default layout: NHWC activations from the first convolution on, the weights untouched, the output
+    bit for bit that of torch's whole-network channels_last."""
+    from mlflow_ptycho_flavor.network import use_channels_last
+
+    torch.manual_seed(0)
+    reference = PtychoPINNNetwork(NetworkConfig(N=64, C_model=4, n_filters_scale=1)).eval()
+    network = copy.deepcopy(reference)
+    weights = {key: tensor.data_ptr() for key, tensor in network.state_dict().items() if tensor.dim() == 4}
+    assert use_channels_last(network) is network and network.channels_last and not reference.channels_last
+    assert {key: tensor.data_ptr() for key, tensor in network.state_dict().items() if tensor.dim() == 4} == weights
+    seen = []
+    network.model.autoencoder.encoder.blocks[0].conv1.register_forward_hook(lambda m, args, out: seen.append(out))
+    x, factor = torch.rand(3, 4, 64, 64), torch.ones(3, 1, 1, 1)
+    with torch.inference_mode():
+        got = network(x, factor)
+        expected = copy.deepcopy(reference).to(memory_format=torch.channels_last)(x, factor)
+    assert _exact_nhwc(seen[0]) and torch.equal(got, expected)
