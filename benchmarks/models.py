@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from mlflow_ptycho_flavor import NetworkConfig, PtychoPINNNetwork
+from mlflow_ptycho_flavor.network import use_channels_last
 
-__all__ = ["PICKLE_ENV", "build_network", "RealImagWrapper", "ModelSet", "make_models", "inputs", "floor_load",
-           "load_pyfunc"]
+__all__ = ["PICKLE_ENV", "build_network", "RealImagWrapper", "ModelSet", "make_models", "inputs", "eager_copy",
+           "floor_load", "load_pyfunc"]
 
 #: MLflow refuses to unpickle an ``mlflow.pytorch`` pickle-format model unless this is "true".
 PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
@@ -108,6 +109,15 @@ def make_models(work: Path, N: int, gridsize: int, filters: int, *, references: 
 def inputs(batch: int, channels: int, N: int, seed: int = 0) -> np.ndarray:
     """Seeded float32 amplitudes ``(batch, channels, N, N)`` in [0, 2)."""
     return np.random.default_rng(seed).uniform(0, 2, (batch, channels, N, N)).astype(np.float32)
+
+
+def eager_copy(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` in torch's default contiguous layout, activations included: the eager forward a user
+    of the bare module gets. The model's own module runs NHWC activations on the CPU (its ``channels_last`` flag),
+    which ``.to(memory_format=torch.contiguous_format)`` alone would keep."""
+    import copy
+
+    return use_channels_last(copy.deepcopy(network), enabled=False)
 
 
 def floor_load(state_path: Path, N: int, channels: int, filters: int, device: str) -> PtychoPINNNetwork:

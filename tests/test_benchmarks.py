@@ -158,6 +158,8 @@ def test_quick_run_section_records(quick_run):
         assert row["max_abs_diff"] <= 1e-5 and row["implied"] > 0 and row["layout_gain"]["median"] > 0, row
         assert _positive(row["raw_model_layout"]["median"]), row
         assert (row["target"] is None) == (row["batch"] < 16), row
+    # the eager reference really runs the other layout (NCHW rounds sums differently from NHWC somewhere)
+    assert any(row["max_abs_diff"] > 0 for row in predict), predict
     layers = _records(data, "predict", "LayerOverhead")
     assert {r["batch"] for r in layers} == {1, 16} and all(_positive(r["seconds"]) for r in layers)
 
@@ -216,6 +218,25 @@ def test_quick_run_section_records(quick_run):
     timed = [r for r in fast if r["speed"] is not None]
     assert any(r["option"].startswith("channels_last") for r in timed), fast
     assert all(r["max_abs_diff"] <= 1e-4 for r in timed), timed  # same network; layouts/threads reorder sums only
+
+
+def test_eager_copy_runs_the_contiguous_layout_of_an_nhwc_model():
+    """The benchmarks' eager reference: a copy of the model's NHWC module that runs contiguous activations (the
+    model keeps its NHWC flag), bit for bit the eager network's output."""
+    import copy
+
+    import torch
+
+    from benchmarks.models import build_network, eager_copy
+    from mlflow_ptycho_flavor.network import use_channels_last
+
+    reference = build_network(N=64, gridsize=1, n_filters_scale=1, seed=3).eval()
+    model_network = use_channels_last(copy.deepcopy(reference))
+    eager = eager_copy(model_network)
+    assert model_network.channels_last and not eager.channels_last
+    x, factor = torch.rand(2, 1, 64, 64), torch.ones(2, 1, 1, 1)
+    with torch.inference_mode():
+        assert torch.equal(eager(x, factor), reference(x, factor))
 
 
 @pytest.mark.slow

@@ -535,3 +535,24 @@ def test_use_channels_last_runs_nhwc_activations_on_the_stored_weights():
         got = network(x, factor)
         expected = copy.deepcopy(reference).to(memory_format=torch.channels_last)(x, factor)
     assert _exact_nhwc(seen[0]) and torch.equal(got, expected)
+
+
+def test_use_channels_last_disabled_returns_the_network_to_the_eager_layout():
+    """``use_channels_last(network, False)`` undoes the CPU default: contiguous activations and buffers, the eager
+    network's output bit for bit; converting the memory format alone keeps the NHWC flag."""
+    from mlflow_ptycho_flavor.network import use_channels_last
+
+    torch.manual_seed(0)
+    reference = PtychoPINNNetwork(NetworkConfig(N=64, C_model=4, n_filters_scale=1)).eval()
+    network = use_channels_last(copy.deepcopy(reference))
+    assert network.to(memory_format=torch.contiguous_format).channels_last  # the flag outlives .to()
+    assert use_channels_last(network, enabled=False) is network and not network.channels_last
+    assert all(buffer.is_contiguous() for buffer in network.buffers())
+    assert all(parameter.is_contiguous() for parameter in network.parameters())
+    seen = []
+    network.model.autoencoder.encoder.blocks[0].conv1.register_forward_hook(lambda m, args, out: seen.append(out))
+    x, factor = torch.rand(3, 4, 64, 64), torch.ones(3, 1, 1, 1)
+    with torch.inference_mode():
+        got = network(x, factor)
+        expected = reference(x, factor)
+    assert seen[0].is_contiguous() and not _exact_nhwc(seen[0]) and torch.equal(got, expected)

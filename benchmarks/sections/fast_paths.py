@@ -23,7 +23,7 @@ import numpy as np
 
 from benchmarks.config import Context
 from benchmarks.harness import Threads, inner_count
-from benchmarks.models import inputs
+from benchmarks.models import eager_copy, inputs
 from benchmarks.probes import run_probe
 from benchmarks.records import Check, Ratio, RecordTable, SectionResult, Stats, Target, column
 
@@ -144,7 +144,7 @@ def run(ctx: Context) -> SectionResult:
     model_set = ctx.models[ctx.main_gridsize]
     # eager = torch's default contiguous layout (the pyfunc model's own module is NHWC on the CPU by default, which
     # is what the channels_last row measures)
-    network = copy.deepcopy(ctx.pyfuncs[ctx.main_gridsize].get_raw_model()).to(memory_format=torch.contiguous_format)
+    network = eager_copy(ctx.pyfuncs[ctx.main_gridsize].get_raw_model())
     rows = [row for batch in ctx.cfg.fast_path_batches for row in measure_batch(ctx, network, batch)]
     compiled = measure_compile(ctx)
     rows += [compiled] if compiled is not None else []

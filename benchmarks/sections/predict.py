@@ -20,7 +20,7 @@ import numpy as np
 
 from benchmarks.config import Context
 from benchmarks.harness import inner_count, profile
-from benchmarks.models import inputs
+from benchmarks.models import eager_copy, inputs
 from benchmarks.records import Check, ProfileEntry, Ratio, RecordTable, SectionResult, Stats, Target, column
 from benchmarks.report import fmt_target, fmt_time
 
@@ -206,10 +206,12 @@ def layout_op_profile(network: Any, x: np.ndarray, *, forwards: int = 2, top: in
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
+    from mlflow_ptycho_flavor.network import use_channels_last
+
     factor = torch.ones(x.shape[0], 1, 1, 1)
     layouts = {
-        "eager": (copy.deepcopy(network).to(memory_format=torch.contiguous_format), torch.from_numpy(x)),
-        "nhwc": (copy.deepcopy(network).to(memory_format=torch.channels_last),
+        "eager": (eager_copy(network), torch.from_numpy(x)),
+        "nhwc": (use_channels_last(copy.deepcopy(network).to(memory_format=torch.channels_last)),
                  torch.from_numpy(x).contiguous(memory_format=torch.channels_last)),
     }
     seconds: dict[str, dict[str, float]] = {}
@@ -328,7 +330,7 @@ def run(ctx: Context) -> SectionResult:
     for gridsize, model_set in ctx.models.items():
         pyfunc = ctx.pyfuncs[gridsize]
         network = pyfunc.get_raw_model()
-        eager = copy.deepcopy(network).to(memory_format=torch.contiguous_format)
+        eager = eager_copy(network)
         for batch in cfg.batches:
             x = inputs(batch, model_set.channels, model_set.N, seed=batch)
             raw = raw_callable(eager, x, cfg.device)

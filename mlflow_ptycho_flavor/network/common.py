@@ -232,18 +232,24 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
-def use_channels_last(network: nn.Module) -> nn.Module:
+def use_channels_last(network: nn.Module, enabled: bool = True) -> nn.Module:
     """Make ``network`` (a :class:`ScaledInputNetwork`) run its activations in NHWC: its input is given NHWC strides
-    (:func:`nhwc`) and its 4-D buffers (the CNN's border masks) are converted; returns it.
+    (:func:`nhwc`) and its 4-D buffers (the CNN's border masks) are converted; returns it. ``enabled=False`` undoes
+    it: the eager, contiguous layout (4-D buffers and weights contiguous, input as the caller gives it).
 
     The 4-D weights are left as they are. On the CPU that changes nothing but the load: oneDNN reorders every
     convolution's weights into its own blocked layout on each call whatever their strides, so NHWC activations
     with NCHW weights give the same bits, as fast, as ``network.to(memory_format=torch.channels_last)``
     (benchmarks/RESULTS.md §1). On a GPU the caller converts the weights too (cuDNN wants both in one layout).
+    ``network.to(memory_format=torch.contiguous_format)`` alone does not return the network to the eager layout:
+    the flag stays, and the forward still gives its input NHWC strides; ``use_channels_last(network, False)`` does.
     """
+    memory_format = torch.channels_last if enabled else torch.contiguous_format
+    if not enabled:
+        network.to(memory_format=memory_format)
     for module in network.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None and buffer.dim() == 4:
-                module._buffers[name] = buffer.to(memory_format=torch.channels_last)
-    network.channels_last = True
+                module._buffers[name] = buffer.contiguous(memory_format=memory_format)
+    network.channels_last = enabled
     return network
