@@ -38,11 +38,11 @@ __all__ = [
     "build_network",
     "config_classes",
     "describe_architecture",
-    "use_channels_last",
     "encoder_depth",
     "network_classes",
     "network_from_state_dict",
     "resolve_device",
+    "use_channels_last",
     "weightless_construction",
 ]
 
