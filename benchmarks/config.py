@@ -38,6 +38,9 @@ class Config:
     spark_patterns: int = 128
     sample_seconds: float = 0.25  # short calls are repeated inside one sample until it lasts about this long
     stub_iterations: int = 3000
+    #: Section 1's checks of the CPU default layout (fixture agreement, operator profile) when the device is the
+    #: CPU; the GPU check's CPU dry run turns them off to take the steps its GPU run takes.
+    cpu_layout_checks: bool = True
 
     def __post_init__(self) -> None:
         if self.scaling_n_batch not in self.scaling_batches:

@@ -70,7 +70,7 @@ def make_plan(device: str) -> Plan:
     if dry_run:
         bench = Config(device=device, quick=True, filters=1, repeats=2, gridsizes=(1,), batches=(1, 4),
                        serving_batches=(1,), serving_requests={1: 4}, serving_concurrency=2, serving_rounds=1,
-                       compile_batch=None, sample_seconds=0.02, stub_iterations=40)
+                       compile_batch=None, sample_seconds=0.02, stub_iterations=40, cpu_layout_checks=False)
         return Plan(device, True, bench, precision_batch=2, compile_backend="eager", test_timeout=180.0)
     bench = Config(device=device, filters=2, repeats=5, gridsizes=(1, 2), batches=(1, 16, 128),
                    serving_batches=(1, 16), serving_requests={1: 100, 16: 24}, serving_concurrency=4,

@@ -86,6 +86,8 @@ def test_dry_run_benchmark_rows(dry_run):
     predict = _records(data, "predict", "PredictComparison")
     assert sorted((r["gridsize"], r["batch"]) for r in predict) == [(1, 1), (1, 4)]
     assert all(r["max_abs_diff"] <= 1e-5 and _positive(r["raw"]["median"]) for r in predict), predict
+    # the GPU run's steps: the CPU default layout's own checks (section 1 of benchmarks/run.py) are not among them
+    assert not _records(data, "predict", "FixtureAgreement") and not _records(data, "predict", "LayoutOp")
     loads = _records(data, "load", "LoadTiming")
     assert len(loads) == 8 and all(_positive(r["time"]["median"]) for r in loads)
     served = _records(data, "serving", "ServedLoad")
