@@ -320,10 +320,6 @@ def throughput_target(device: str) -> Target:
 
 
 def run(ctx: Context) -> SectionResult:
-    import copy
-
-    import torch
-
     cfg = ctx.cfg
     target = throughput_target(cfg.device)
     measured: list[tuple[int, int, Stats, Stats, Stats, float]] = []

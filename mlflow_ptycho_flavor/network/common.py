@@ -244,12 +244,12 @@ def use_channels_last(network: nn.Module, enabled: bool = True) -> nn.Module:
     ``network.to(memory_format=torch.contiguous_format)`` alone does not return the network to the eager layout:
     the flag stays, and the forward still gives its input NHWC strides; ``use_channels_last(network, False)`` does.
     """
-    memory_format = torch.channels_last if enabled else torch.contiguous_format
-    if not enabled:
-        network.to(memory_format=memory_format)
-    for module in network.modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.dim() == 4:
-                module._buffers[name] = buffer.contiguous(memory_format=memory_format)
+    if enabled:
+        for module in network.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.dim() == 4:
+                    module._buffers[name] = buffer.to(memory_format=torch.channels_last)
+    else:
+        network.to(memory_format=torch.contiguous_format)  # every 4-D parameter and buffer
     network.channels_last = enabled
     return network
