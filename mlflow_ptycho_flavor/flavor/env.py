@@ -94,15 +94,17 @@ def pinned_requirement(package: str) -> str | None:
 
 
 def default_pip_requirements() -> list[str]:
-    """torch, mlflow, dill, numpy and this package, pinned to the installed public versions.
+    """torch, mlflow and this package, pinned to the installed public versions.
 
-    This package itself is needed by the serving environment to import the pyfunc loader module. When it is not
-    installed (a plain checkout), pass ``code_paths=["mlflow_ptycho_flavor"]`` instead; a warning says so. pandas
-    is not pinned: mlflow requires it, and it decides nothing the model computes, while every pinned requirement
-    costs each ``mlflow.pyfunc.load_model`` a metadata lookup (about a millisecond) in MLflow's version check.
+    torch's kernels compute the outputs; this package itself is needed by the serving environment to import the
+    pyfunc loader module. When it is not installed (a plain checkout), pass ``code_paths=["mlflow_ptycho_flavor"]``
+    instead; a warning says so. Nothing else is pinned, as in MLflow's own pytorch flavor: numpy and dill come with
+    this package's requirements (ranges), pandas with mlflow's, and none decides what the network computes, while
+    every pinned requirement costs each ``mlflow.pyfunc.load_model`` a metadata lookup (0.5-2 ms) in MLflow's
+    version check.
     """
     requirements = []
-    for package in ("torch", "mlflow", "dill", "numpy", PACKAGE_NAME):
+    for package in ("torch", "mlflow", PACKAGE_NAME):
         pinned = pinned_requirement(package)
         if pinned is None:
             if package == PACKAGE_NAME:
