@@ -1,6 +1,7 @@
-"""The load path of performance round 2 (docs/bundle-format.md §1.3, §5): stored torch members read straight from
-the file with their sha256/CRC on a worker thread, truncated archives, the table-driven pickle walk, the C unpickler
-restricted to the state_dict allow-list, and networks adopted from weightless blueprints.
+"""The load path of performance round 2 (docs/bundle-format.md §1.3, §5): stored torch members read whole from
+the file in one call, their storages tensors over those bytes, with their sha256/CRC on a worker thread; truncated
+archives; the table-driven pickle walk; the C unpickler restricted to the state_dict allow-list; and networks
+adopted from weightless blueprints.
 
 Every test here can fail: each compares against an independent oracle (pickletools, plain zipfile + torch.load,
 a network built the slow way) or asserts a refusal.
@@ -378,7 +379,7 @@ def _same_as_torch_load(ours, reference) -> None:
     assert ours["transposed"].untyped_storage().data_ptr() == ours["weight"].untyped_storage().data_ptr()
 
 
-@pytest.mark.parametrize("form", ["bytes", "view"])
+@pytest.mark.parametrize("form", ["bytes", "view", "loaded view"])
 def test_storages_read_in_place_give_what_torch_load_gives(tmp_path, monkeypatch, form):
     raw = torch_bytes(_awkward_state())
     reference = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
@@ -400,10 +401,104 @@ def test_storages_read_in_place_give_what_torch_load_gives(tmp_path, monkeypatch
         try:
             view = reader.view("m.pth", genuine_bytes=len(raw))
             assert view is not None
+            buffer = np.empty(len(raw), np.uint8) if form == "loaded view" else None
+            if buffer is not None:
+                assert view.load(buffer) and bytes(view.memory) == raw
             ours = torch_load(view, "m.pth")
         finally:
-            reader.close()
+            reader.close()  # a loaded view's tensors outlive the file
     _same_as_torch_load(ours, reference)
+    if form == "loaded view":  # every non-empty storage lies in the loaded buffer: no weight was copied
+        lo, hi = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
+        assert all(lo <= t.data_ptr() < hi for t in ours.values() if t.numel()), "a storage was copied"
+
+
+def _misaligned_records(raw: bytes) -> bytes:
+    """``raw`` rewritten by plain ``zipfile`` behind a 1-byte pad, so no record keeps torch.save's 64-byte alignment."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        names = zin.namelist()
+        prefix = names[0].split("/", 1)[0]
+        zout.writestr(zipfile.ZipInfo(f"{prefix}/.pad", date_time=(1980, 1, 1, 0, 0, 0)), b"x")
+        for name in names:
+            zout.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), zin.read(name))
+    return out.getvalue()
+
+
+def test_loaded_records_not_aligned_for_their_type_are_copied_into_aligned_storages(tmp_path):
+    """A crafted torch zip whose records sit at odd offsets: tensors over the loaded bytes would be misaligned for
+    float32 and wider types, so those records are copied; every tensor is aligned and equals torch.load's."""
+    from mlflow_ptycho_flavor.bundle.archive import DEFAULT_LIMITS, ArchiveReader
+
+    raw = _misaligned_records(torch_bytes(_awkward_state()))
+    reference = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    spans = check_nested_zip(raw, "m.pth", max_inflated_bytes=len(raw), max_entries=64)
+    assert any(span.start % 4 for name, span in spans.items() if "/data/" in name)  # the crafting worked
+    path = tmp_path / "outer.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("m.pth", raw)
+    reader = ArchiveReader(path, DEFAULT_LIMITS)
+    try:
+        view = reader.view("m.pth", genuine_bytes=len(raw))
+        buffer = np.empty(len(raw), np.uint8)
+        assert view.load(buffer)
+        ours = torch_load(view, "m.pth")
+    finally:
+        reader.close()
+    _same_as_torch_load(ours, reference)
+    assert all(t.data_ptr() % t.element_size() == 0 for t in ours.values() if t.numel())
+    lo, hi = buffer.ctypes.data, buffer.ctypes.data + buffer.nbytes
+    assert any(not lo <= t.data_ptr() < hi for t in ours.values() if t.numel())  # some were copied
+
+
+def test_a_member_view_loads_once_whole_and_refuses_a_short_file(tmp_path):
+    """``MemberView.load`` reads the view in one call and then serves every read from memory; where the file holds
+    fewer bytes than the view spans (it shrank after the archive was opened) it returns False and keeps reading
+    from the file."""
+    from mlflow_ptycho_flavor.bundle.archive import MemberView
+
+    payload = os.urandom(10_000)
+    path = tmp_path / "blob"
+    path.write_bytes(b"head" + payload)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = MemberView(fd, 4, len(payload))
+        buffer = bytearray(len(payload))
+        assert view.load(buffer) and view.buffer is buffer and bytes(view.memory) == payload
+        path.write_bytes(b"")  # the file is gone: reads now come from memory
+        assert view.pread(5, 9_000) == payload[9_000:9_005] and view.read() == payload
+        target = bytearray(20)
+        assert view.readinto_at(target, len(payload) - 10) == 10 and bytes(target[:10]) == payload[-10:]
+        short = MemberView(fd, 4, len(payload))
+        assert not short.load(bytearray(len(payload))) and short.memory is None
+        with pytest.raises(ValueError, match="needs a buffer of"):
+            short.load(bytearray(3))
+    finally:
+        os.close(fd)
+
+
+def test_a_bundle_that_shrinks_before_its_weights_are_read_is_refused(base, tmp_path, monkeypatch):
+    """The weights read whole comes back short (the file was cut after the archive was opened): a typed error."""
+    from mlflow_ptycho_flavor.bundle.archive import MemberView
+
+    monkeypatch.setattr(MemberView, "load", lambda self, buffer: False)
+    with pytest.raises(CorruptBundleError, match=rf"'{WEIGHTS}' of .* is cut short \(the file shrank\)"):
+        read_bundle(base)
+
+
+def test_loaded_weights_are_in_memory_once_and_hashed_before_the_load_returns(base):
+    """The CPU load's state_dict tensors all lie in one buffer (the member read whole), each its own storage of
+    exactly its bytes, as torch.load gives them; the digest worker has finished when read_bundle returns."""
+    contents = read_bundle(base)
+    tensors = [t for t in contents.state_dict.values() if t.numel()]
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in tensors)
+    owners = {id(t.untyped_storage()) for t in tensors}
+    assert len(owners) == len(tensors)  # separate storages, not views of one
+    lowest = min(t.data_ptr() for t in tensors)
+    highest = max(t.data_ptr() + t.nbytes for t in tensors)
+    assert highest - lowest <= contents.member_sizes[WEIGHTS]  # all inside the one member-sized buffer
+    assert WEIGHTS in contents.hashes_verified
+    assert not [t for t in threading.enumerate() if t.name == "ptycho-bundle-digest"]
 
 
 def _rewrite_records(raw: bytes, change) -> bytes:
@@ -728,37 +823,16 @@ def test_is_channels_last_is_the_strides_to_channels_last_gives():
     assert not is_channels_last(torch.randn(4, 3, 3, 3))
 
 
-def test_digest_chunks_cover_the_member_exactly(tmp_path):
-    """The worker hashes a stored member in chunks read into one reused buffer: together they are the member's
-    bytes, in order, whatever the remainder."""
-    from mlflow_ptycho_flavor.bundle.archive import MemberView
-    from mlflow_ptycho_flavor.bundle.io import _view_chunks
-
-    payload = os.urandom(3 * 4096 + 17)
-    path = tmp_path / "blob"
-    path.write_bytes(b"head" + payload + b"tail")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        view = MemberView(fd, 4, len(payload))
-        for size in (4096, 5000, len(payload), 1 << 22):
-            assert b"".join(bytes(chunk) for chunk in _view_chunks(view, size)) == payload, size
-        assert list(_view_chunks(MemberView(fd, 4, 0), 4096)) == []  # an empty member: nothing to hash
-    finally:
-        os.close(fd)
-
-
-def test_damage_in_any_digest_chunk_of_a_large_member_is_found(tmp_path):
-    """A stored model.pth several digest chunks long (9 MB of weights): a flipped byte in the first, a middle or the
-    last chunk fails the manifest's sha256, and the intact file loads."""
+def test_damage_anywhere_in_a_large_member_is_found(tmp_path):
+    """A stored model.pth of 9 MB of weights, hashed whole on the worker thread: a flipped byte near its start, in
+    its middle or near its end fails the manifest's sha256, and the intact file loads."""
     from conftest import make_perturbed_network
-
-    from mlflow_ptycho_flavor.bundle import io as bundle_io
 
     path = save_torch_bundle(make_perturbed_network(seed=5, N=64, n_filters_scale=2), tmp_path / "wts.h5.zip")
     raw = path.read_bytes()
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(WEIGHTS)
-    assert info.compress_type == zipfile.ZIP_STORED and info.file_size > 2 * bundle_io._DIGEST_CHUNK
+    assert info.compress_type == zipfile.ZIP_STORED and info.file_size > 8 << 20
     name_length, extra_length = struct.unpack("<HH", raw[info.header_offset + 26 : info.header_offset + 30])
     start = info.header_offset + 30 + name_length + extra_length  # the local header's own lengths
     load_torch_bundle(path, device="cpu", restore_params=False)

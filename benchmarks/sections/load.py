@@ -275,11 +275,12 @@ def run(ctx: Context) -> SectionResult:
                     "beside both whole loads", note=(
                         "The pickle format's load is `torch.load` of one file, running whatever code it holds. Ours "
                         "adds what the table lists: the structure scans and the finite check on the loading "
-                        "thread, the digests on a worker thread (a second core runs them, but each of their reads and "
-                        "hash updates takes the GIL back, so they wait while the loading thread runs Python and can "
-                        "end the load with it), plus the small members (manifest, params, metadata), the nested-zip checks and the "
-                        "network adoption (phases above). The summary row 'less its main-thread checks' subtracts "
-                        "the scans and the finite check repeat by repeat.")),
+                        "thread, the digests on a worker thread (one sha256 and one CRC-32 call over the member "
+                        "read whole into memory, both releasing the GIL: a second core runs them beside the "
+                        "decoding, and the load ends with them where they take longer), plus the small members "
+                        "(manifest, params, metadata), the nested-zip checks and the network adoption (phases "
+                        "above). The summary row 'less its main-thread checks' subtracts the scans and the finite "
+                        "check repeat by repeat.")),
         RecordTable(ProfileEntry, profile(lambda: load_torch_bundle(main.bundle, device=cfg.device), calls=3),
                     f"Where `load_torch_bundle` spends its time (cProfile, g{main.gridsize}, sorted by self time)"),
     ]

@@ -303,15 +303,43 @@ def not_a_bundle_error(path: Path, problem: str, fallback: type[BundleError]) ->
 
 class MemberView(io.RawIOBase):
     """Read-only, seekable bytes ``[start, start + size)`` of an open file, read with ``os.pread`` (no shared file
-    position: a worker thread can hash the same bytes meanwhile). Reading past the end returns nothing."""
+    position: a worker thread can hash the same bytes meanwhile). Reading past the end returns nothing.
+
+    After :meth:`load` the bytes are in memory (:attr:`memory`) and every read is served from there.
+    """
 
     def __init__(self, fd: int, start: int, size: int) -> None:
         super().__init__()
         self._fd, self._start, self._size, self._position = fd, start, size, 0
+        self._memory: memoryview | None = None
+        self._owner: Any = None
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def memory(self) -> memoryview | None:
+        """The view's bytes once :meth:`load` read them (a writable byte view of the buffer it was given)."""
+        return self._memory
+
+    @property
+    def buffer(self) -> Any:
+        """The object :meth:`load` read into (what a zero-copy consumer such as ``torch.frombuffer`` takes)."""
+        return self._owner
+
+    def load(self, buffer: Any) -> bool:
+        """Read the whole view into ``buffer`` (a writable buffer of exactly :attr:`size` bytes) in one ``preadv``;
+        from then on reads are served from it. Returns False, leaving the view as it was, on a short read (the file
+        shrank since the archive was opened)."""
+        target = memoryview(buffer).cast("B")
+        if len(target) != self._size:
+            raise ValueError(f"load needs a buffer of {self._size} bytes, got {len(target)}")
+        received = os.preadv(self._fd, [target], self._start) if self._size else 0
+        if received != self._size:
+            return False
+        self._memory, self._owner = target, buffer
+        return True
 
     def readable(self) -> bool:
         return True
@@ -332,7 +360,11 @@ class MemberView(io.RawIOBase):
     def pread(self, count: int, offset: int) -> bytes:
         """Up to ``count`` bytes at ``offset`` within the view."""
         count = max(0, min(count, self._size - offset))
-        return os.pread(self._fd, count, self._start + offset) if count else b""
+        if not count:
+            return b""
+        if self._memory is not None:
+            return bytes(self._memory[offset : offset + count])
+        return os.pread(self._fd, count, self._start + offset)
 
     def read(self, count: int = -1) -> bytes:
         data = self.pread(self._size - self._position if count is None or count < 0 else count, self._position)
@@ -349,7 +381,12 @@ class MemberView(io.RawIOBase):
         bytes read, fewer only at the view's end."""
         target = memoryview(buffer).cast("B")
         count = max(0, min(len(target), self._size - offset))
-        return os.preadv(self._fd, [target[:count]], self._start + offset) if count else 0
+        if not count:
+            return 0
+        if self._memory is not None:
+            target[:count] = self._memory[offset : offset + count]
+            return count
+        return os.preadv(self._fd, [target[:count]], self._start + offset)
 
     def startswith(self, prefix: bytes) -> bool:
         return self.pread(len(prefix), 0) == prefix
@@ -540,9 +577,10 @@ class ArchiveReader:
         """A read-only file over a stored member's bytes in the archive file, or None where there is none to give
         (a deflated member, an archive read from memory, a platform without ``os.preadv``): then :meth:`read` it.
 
-        Consumers that copy what they read anyway (``torch.load``) read the member once, straight from the file,
-        instead of from a copy of it in memory: one copy of the weights instead of two. The checks :meth:`read`
-        makes apply (caps, local header); the CRC is the caller's (:meth:`crc`). Valid until :meth:`close`.
+        Consumers read the member once, straight from the file (or :meth:`MemberView.load` it whole and build on
+        those bytes), instead of from a copy of it in memory: one copy of the weights instead of two. The checks
+        :meth:`read` makes apply (caps, local header); the CRC is the caller's (:meth:`crc`). Its file reads are
+        valid until :meth:`close`; a loaded view's memory outlives it.
         """
         info = self._readable(name, genuine_bytes)
         if info.compress_type != zipfile.ZIP_STORED or self._in_memory or not hasattr(os, "preadv"):

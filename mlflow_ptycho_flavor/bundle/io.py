@@ -26,7 +26,7 @@ import logging
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,36 +298,16 @@ def _verify_hash(manifest: Mapping[str, Any], name: str, data: bytes, verified: 
     verified.append(name)
 
 
-#: Bytes hashed per read on the worker thread, into one reused buffer (a fresh buffer per read would cost page
-#: faults comparable to the hashing). Each read, sha256 update and CRC update hands the GIL back and forth with the
-#: loading thread, which holds it while it runs Python (the pickle scans) until the switch interval forces it off:
-#: fewer, larger chunks spend less time waiting for it, a larger buffer more time faulting its pages in. Measured
-#: once, by hand, with whole loads of the benchmark bundle (9 MB of weights) at 1, 2, 3, 4, 6 and 8 MiB: 4 MiB was
-#: the fastest, ~13% faster than 1 MiB, for 3 MiB more buffer; benchmarks/RESULTS.md §2 and §4 give the load and
-#: its peak memory with it.
-_DIGEST_CHUNK = 4 << 20
-
-
-def _view_chunks(view: MemberView, size: int) -> Iterator[memoryview]:
-    """The view's bytes in order, ``size`` at a time, read into one reused buffer (no allocation per chunk)."""
-    buffer = memoryview(bytearray(min(size, max(view.size, 1))))
-    offset = 0
-    while offset < view.size:
-        received = view.readinto_at(buffer, offset)
-        if received <= 0:
-            return
-        yield buffer[:received]
-        offset += received  # a short read resumes where it stopped
-
-
 class _MemberDigest:
-    """The integrity checks of one large stored member, computed on a worker thread while the caller decodes it.
+    """The integrity checks of one large member, computed on a worker thread while the caller decodes it.
 
-    A stored member is read straight from the file (:meth:`ArchiveReader.read` with ``verify_crc=False``), so its
-    CRC-32 is checked here, as ``zipfile`` would (a wrong CRC field makes upstream's ``zipfile`` reader refuse the
-    file even when the bytes are intact), together with the sha256 the manifest records (when it does).
-    ``hashlib`` and ``zlib`` release the GIL on large buffers, so with a spare core both cost no wall time;
-    :meth:`check` waits for them. They guard against damage, not tampering (whoever can edit the member can edit the
+    The member's bytes are in memory: a stored member loaded whole from the file (:meth:`MemberView.load`, its CRC
+    not checked by the read) or a deflated one inflated by :meth:`ArchiveReader.read`. A stored member's CRC-32 is
+    checked here, as ``zipfile`` would (a wrong CRC field makes upstream's ``zipfile`` reader refuse the file even
+    when the bytes are intact), together with the sha256 the manifest records (when it does): one ``hashlib`` and one
+    ``zlib`` call over the whole buffer, both releasing the GIL, so with a spare core they cost no wall time;
+    :meth:`check` waits for them. The caller must not write the buffer meanwhile (the tensors decoded over it are
+    only read until then). They guard against damage, not tampering (whoever can edit the member can edit the
     manifest and the directory), so decoding the bytes before the digests are known loses nothing: the decoders are
     bounded on their own.
     """
@@ -339,7 +319,10 @@ class _MemberDigest:
         self.reader = reader
         self.expected_sha256: str | None = (manifest.get("sha256") or {}).get(name)
         self.expected_crc = reader.crc(name) if reader.stored(name) else None  # deflated: zipfile checked it
-        self._data: bytes | MemberView | None = data
+        memory = data.memory if isinstance(data, MemberView) else data
+        if memory is None:
+            raise ValueError(f"{name}: a member view is hashed once it is loaded (MemberView.load)")
+        self._memory: Any = memory
         self._sha256: str | None = None
         self._crc: int | None = None
         self._thread: threading.Thread | None = None
@@ -352,22 +335,11 @@ class _MemberDigest:
             self._thread = None
 
     def _compute(self) -> None:
-        data, self._data = self._data, None
-        if data is None:
+        memory, self._memory = self._memory, None
+        if memory is None:
             return
-        sha256 = hashlib.sha256() if self.expected_sha256 is not None else None
-        crc = 0
-        if isinstance(data, MemberView):  # read from the file in chunks beside the decoder (no shared offset)
-            chunks: Any = _view_chunks(data, _DIGEST_CHUNK)
-        else:
-            chunks = (data,)
-        for chunk in chunks:
-            if sha256 is not None:
-                sha256.update(chunk)
-            if self.expected_crc is not None:
-                crc = zlib.crc32(chunk, crc)
-        self._sha256 = sha256.hexdigest() if sha256 is not None else None
-        self._crc = crc
+        self._sha256 = hashlib.sha256(memory).hexdigest() if self.expected_sha256 is not None else None
+        self._crc = zlib.crc32(memory) if self.expected_crc is not None else 0
 
     def wait(self) -> None:
         """Wait for the digests (computing them here when no thread could be started)."""
@@ -479,8 +451,11 @@ def read_bundle(
         # never past the per-member cap.
         layout = network_layout(network_config)
         genuine = min(layout.genuine_file_bytes, limits.max_member_bytes)
-        # A stored model.pth is read by torch straight from the file; a deflated one is inflated into memory first.
+        # A stored model.pth is read whole from the file in one call, its storages then tensors over those bytes
+        # (docs/bundle-format.md §1.3); a deflated one is inflated into memory first.
         weights = reader.view(weights_member, genuine_bytes=genuine)
+        if weights is not None and not weights.load(torch.empty(weights.size, dtype=torch.uint8).numpy()):
+            raise CorruptBundleError(f"member {short_repr(weights_member)} of {archive} is cut short (the file shrank)")
         if weights is None:
             weights = reader.read(weights_member, genuine_bytes=genuine, verify_crc=False)
         weights_size = reader.size(weights_member)
@@ -497,7 +472,7 @@ def read_bundle(
             digest.check(verified)  # damage explains a decoding failure better than the decoder does
             raise
         finally:
-            digest.wait()  # the worker reads the file: done before the reader closes it
+            digest.wait()  # hashed before anyone may write the tensors that lie in the hashed buffer
         digest.check(verified)
         hashes = manifest.get("sha256") or {}
         for name in reader.names:

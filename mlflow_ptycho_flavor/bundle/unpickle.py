@@ -648,9 +648,10 @@ STORAGE_MARKERS = _legacy_storage_markers()
 
 
 class _StorageFile:
-    """The storage records of a torch zip read straight into tensors' memory (what ``torch.load`` does record by
-    record through the Python file object, with a few calls each): one ``preadv`` per storage from the archive file
-    for a :class:`~.archive.MemberView`, one copy out of the buffer for bytes (docs/bundle-format.md §1.3)."""
+    """The storage records of a torch zip as tensors (what ``torch.load`` does record by record through the Python
+    file object, with a few calls each): for a :class:`~.archive.MemberView` already in memory, a tensor over each
+    record's bytes there (no copy: :meth:`_shared_record`); otherwise one ``preadv`` per storage from the archive
+    file, or one copy out of the buffer for bytes (docs/bundle-format.md §1.3)."""
 
     def __init__(
         self, data: bytes | MemberView, prefix: str, spans: dict[str, RecordSpan], member: str, *,
@@ -721,14 +722,31 @@ class _StorageFile:
                 f"{self._member}: the storage {short_repr(key)} needs {nbytes} bytes ({numel} {dtype}) but the file "
                 f"has {found}; the file is damaged"
             )
-        flat = torch.empty(nbytes, dtype=torch.uint8)
-        if self._pending is not None:
-            self._pending[key] = (span, flat, dtype)
-        else:
-            self._fill_in_place(span, flat, dtype)
+        flat = self._shared_record(span, dtype)
+        if flat is None:
+            flat = torch.empty(nbytes, dtype=torch.uint8)
+            if self._pending is not None:
+                self._pending[key] = (span, flat, dtype)
+            else:
+                self._fill_in_place(span, flat, dtype)
         typed = torch.storage.TypedStorage(wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True)
         self._storages[key] = typed
         return typed
+
+    def _shared_record(self, span: RecordSpan, dtype: torch.dtype) -> torch.Tensor | None:
+        """The record's bytes as a tensor over the member already in memory (:meth:`~.archive.MemberView.load`), no
+        copy, or None where they must be read into a storage of their own: nothing loaded, storages read later
+        (``defer_reads``), a byte order to swap (done on a copy: the loaded bytes are being hashed meanwhile), an
+        empty record, or an address not aligned for the element type (``torch.save`` aligns records to 64 bytes;
+        a crafted file need not). Each storage is its own tensor of exactly the record's size, as ``torch.load``
+        gives it; together they keep the loaded buffer alive."""
+        view = self._data
+        if not isinstance(view, MemberView) or view.buffer is None or self._pending is not None or self._swap:
+            return None
+        if span.size == 0:
+            return None
+        flat = torch.frombuffer(view.buffer, dtype=torch.uint8, count=span.size, offset=span.start)
+        return flat if flat.data_ptr() % max(dtype.itemsize, 1) == 0 else None
 
     def _fill_in_place(self, span: RecordSpan, flat: torch.Tensor, dtype: torch.dtype) -> None:
         self._read(span, span.size, flat.numpy())
@@ -745,9 +763,10 @@ class _StorageFile:
         storage, covers all of it in contiguous NCHW strides, carries no conjugate/negative bit or grad, and is
         stored in native byte order: replacing such a tensor changes nothing anything else can see. It is read a
         slice of whole output channels at a time into one small reused buffer and copied from there, while the
-        slice is in cache, into its NHWC tensor: the weights are in memory once, instead of an NCHW read and an
-        NHWC copy of it (docs/bundle-format.md §1.3); its NCHW storage was allocated but never written, so it
-        mostly costs no page. Every other storage is read into place.
+        slice is in cache, into its NHWC tensor: no NCHW tensor is filled and then converted (docs/bundle-format.md
+        §1.3); its NCHW storage was allocated but never written, so it mostly costs no page. Every other storage is
+        read into place. (From a loaded member view the reads are copies out of its buffer, which the caller frees
+        once this returns: on the host, the weights are then in memory twice while they load.)
         """
         pending, self._pending = self._pending or {}, None
         if channels_last and not self._swap and _plain_state_dict(decoded):
@@ -875,7 +894,8 @@ def torch_load(
     """Decode a torch member (``model.pth``, ``torch_scaling_metadata.pt``) after checks that no opt-in skips.
 
     ``data`` is the member's bytes, or a :class:`~.archive.MemberView` of a stored member (read straight from the
-    archive file: one copy of the weights in memory instead of two).
+    archive file, or from the buffer it was loaded into, whose bytes the storages then become: one copy of the
+    weights in memory instead of two).
 
     Always: the bytes must be torch's zip format, with at most :data:`MAX_TORCH_RECORDS` records whose inflated
     sizes add up to at most ``max_inflated_bytes`` (default: the member's own size, i.e. no expansion).
@@ -885,13 +905,13 @@ def torch_load(
     (:func:`~.budget.scan_pickle_structure`); it is then unpickled by the C unpickler resolving the same allow-list
     (:class:`_AllowListUnpickler`, torch's own rebuild functions), about twice as fast as torch's pure-Python
     ``weights_only`` unpickler, whose allow-list is wider. Where every storage record is stored whole in the one
-    archive folder (what ``torch.save`` writes), the storages are read in place, one ``preadv`` each
-    (:class:`_StorageFile`: ``torch.load``'s objects without its per-tensor machinery); otherwise ``torch.load``
-    runs with that unpickler. ``allow_unsafe`` turns ``scan`` off: torch's ``torch.load(weights_only=True)`` then
-    decides alone.
+    archive folder (what ``torch.save`` writes), the storages are read in place, as tensors over the loaded
+    member's bytes or with one ``preadv`` each (:class:`_StorageFile`: ``torch.load``'s objects without its
+    per-tensor machinery); otherwise ``torch.load`` runs with that unpickler. ``allow_unsafe`` turns ``scan`` off:
+    torch's ``torch.load(weights_only=True)`` then decides alone.
 
     ``channels_last`` asks for a state_dict's 4-D tensors in NHWC memory format, as ``tensor.to(memory_format=
-    torch.channels_last)`` gives them; the in-place path reads them that way (one copy of the weights in memory),
+    torch.channels_last)`` gives them; the in-place path reads them that way (no NCHW tensor is filled first),
     the others leave them NCHW (the caller converts what is left).
 
     Raises:
