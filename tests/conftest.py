@@ -5,7 +5,9 @@
 * ``perturbed_network(**config)``: a network whose every parameter and batch-norm buffer holds non-trivial seeded
   random values, so that every key the forward uses changes the output (a freshly initialised network has
   all-ones/zeros BN statistics, unit ``forward_model`` scalars and near-input-independent outputs);
-* ``rewrite_bundle``: copy a zip archive while replacing, adding or removing members (for corruption tests).
+* ``rewrite_bundle``: copy a zip archive while replacing, adding or removing members (for corruption tests);
+* the files holding ``slow`` tests are collected first, so that on the two xdist workers (``setup.cfg``) their long
+  runs overlap the many short tests instead of ending the suite alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from mlflow_ptycho_flavor.bundle import params as params_module
 from mlflow_ptycho_flavor.network import NetworkConfig, PtychoPINNNetwork
 
 UPSTREAM_DIR = Path(__file__).resolve().parent / "data" / "upstream"
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """Files with a ``slow`` test first (stable: each file keeps its order; ``--dist loadfile`` hands out files in
+    collection order)."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.path not in slow_files)
 
 
 @pytest.fixture(autouse=True)

@@ -57,6 +57,7 @@ def _positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_dry_run_takes_every_step_and_writes_to_a_temporary_folder(dry_run):
     data, tmp, completed = dry_run
     assert [s["key"] for s in data["sections"]] == ["device", "tests", "predict", "load", "serving", "precision",
