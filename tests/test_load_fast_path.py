@@ -477,6 +477,34 @@ def test_a_member_view_loads_once_whole_and_refuses_a_short_file(tmp_path):
         os.close(fd)
 
 
+def test_a_member_view_load_resumes_after_short_reads(tmp_path, monkeypatch):
+    """The kernel may return fewer bytes than asked (Linux: at most ~2 GiB per call): ``load`` asks again from
+    where the read stopped, in requests of at most ``_LOAD_REQUEST_BYTES``, and gets the whole view."""
+    from mlflow_ptycho_flavor.bundle import archive as bundle_archive
+    from mlflow_ptycho_flavor.bundle.archive import MemberView
+
+    payload = os.urandom(50_000)
+    path = tmp_path / "blob"
+    path.write_bytes(b"head" + payload + b"tail")
+    real_preadv = os.preadv
+    requests = []
+
+    def stingy_preadv(fd, buffers, offset):
+        requests.append(sum(len(memoryview(b)) for b in buffers))
+        first = memoryview(buffers[0]).cast("B")
+        return real_preadv(fd, [first[:7_777]], offset)  # never more than 7,777 bytes per call
+
+    monkeypatch.setattr(bundle_archive, "_LOAD_REQUEST_BYTES", 20_000)
+    monkeypatch.setattr(os, "preadv", stingy_preadv)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        view = MemberView(fd, 4, len(payload))
+        assert view.load(bytearray(len(payload))) and bytes(view.memory) == payload
+    finally:
+        os.close(fd)
+    assert len(requests) == -(-len(payload) // 7_777) and max(requests) == 20_000
+
+
 def test_a_bundle_that_shrinks_before_its_weights_are_read_is_refused(base, tmp_path, monkeypatch):
     """The weights read whole comes back short (the file was cut after the archive was opened): a typed error."""
     from mlflow_ptycho_flavor.bundle.archive import MemberView

@@ -301,6 +301,11 @@ def not_a_bundle_error(path: Path, problem: str, fallback: type[BundleError]) ->
     return fallback(f"{problem}. It is {info.what_and_fix()}")
 
 
+#: Most bytes :meth:`MemberView.load` asks one ``preadv`` for (Linux returns at most 0x7ffff000 per call; macOS
+#: refuses requests over 2**31 - 1).
+_LOAD_REQUEST_BYTES = 1 << 30
+
+
 class MemberView(io.RawIOBase):
     """Read-only, seekable bytes ``[start, start + size)`` of an open file, read with ``os.pread`` (no shared file
     position: a worker thread can hash the same bytes meanwhile). Reading past the end returns nothing.
@@ -329,15 +334,20 @@ class MemberView(io.RawIOBase):
         return self._owner
 
     def load(self, buffer: Any) -> bool:
-        """Read the whole view into ``buffer`` (a writable buffer of exactly :attr:`size` bytes) in one ``preadv``;
-        from then on reads are served from it. Returns False, leaving the view as it was, on a short read (the file
-        shrank since the archive was opened)."""
+        """Read the whole view into ``buffer`` (a writable buffer of exactly :attr:`size` bytes), in one ``preadv``
+        up to :data:`_LOAD_REQUEST_BYTES` (the kernel returns at most ~2 GiB per call, some systems refuse larger
+        requests); from then on reads are served from it. Returns False, leaving the view as it was, where the file
+        ends first (it shrank since the archive was opened)."""
         target = memoryview(buffer).cast("B")
         if len(target) != self._size:
             raise ValueError(f"load needs a buffer of {self._size} bytes, got {len(target)}")
-        received = os.preadv(self._fd, [target], self._start) if self._size else 0
-        if received != self._size:
-            return False
+        received = 0
+        while received < self._size:
+            count = min(self._size - received, _LOAD_REQUEST_BYTES)
+            got = os.preadv(self._fd, [target[received : received + count]], self._start + received)
+            if got <= 0:
+                return False
+            received += got
         self._memory, self._owner = target, buffer
         return True
 
