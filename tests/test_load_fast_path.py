@@ -464,7 +464,7 @@ def test_a_member_view_loads_once_whole_and_refuses_a_short_file(tmp_path):
     try:
         view = MemberView(fd, 4, len(payload))
         buffer = bytearray(len(payload))
-        assert view.load(buffer) and view.buffer is buffer and bytes(view.memory) == payload
+        assert view.load(buffer) and view.memory.obj is buffer and bytes(view.memory) == payload
         path.write_bytes(b"")  # the file is gone: reads now come from memory
         assert view.pread(5, 9_000) == payload[9_000:9_005] and view.read() == payload
         target = bytearray(20)

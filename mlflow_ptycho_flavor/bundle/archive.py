@@ -317,7 +317,6 @@ class MemberView(io.RawIOBase):
         super().__init__()
         self._fd, self._start, self._size, self._position = fd, start, size, 0
         self._memory: memoryview | None = None
-        self._owner: Any = None
 
     @property
     def size(self) -> int:
@@ -325,13 +324,9 @@ class MemberView(io.RawIOBase):
 
     @property
     def memory(self) -> memoryview | None:
-        """The view's bytes once :meth:`load` read them (a writable byte view of the buffer it was given)."""
+        """The view's bytes once :meth:`load` read them: a writable byte view of the buffer it was given, which it
+        keeps alive (``torch.frombuffer`` takes it as it is)."""
         return self._memory
-
-    @property
-    def buffer(self) -> Any:
-        """The object :meth:`load` read into (what a zero-copy consumer such as ``torch.frombuffer`` takes)."""
-        return self._owner
 
     def load(self, buffer: Any) -> bool:
         """Read the whole view into ``buffer`` (a writable buffer of exactly :attr:`size` bytes), in one ``preadv``
@@ -348,7 +343,7 @@ class MemberView(io.RawIOBase):
             if got <= 0:
                 return False
             received += got
-        self._memory, self._owner = target, buffer
+        self._memory = target
         return True
 
     def readable(self) -> bool:

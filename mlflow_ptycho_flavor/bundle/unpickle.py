@@ -740,13 +740,11 @@ class _StorageFile:
         empty record, or an address not aligned for the element type (``torch.save`` aligns records to 64 bytes;
         a crafted file need not). Each storage is its own tensor of exactly the record's size, as ``torch.load``
         gives it; together they keep the loaded buffer alive."""
-        view = self._data
-        if not isinstance(view, MemberView) or view.buffer is None or self._pending is not None or self._swap:
+        memory = self._data.memory if isinstance(self._data, MemberView) else None
+        if memory is None or self._pending is not None or self._swap or span.size == 0:
             return None
-        if span.size == 0:
-            return None
-        flat = torch.frombuffer(view.buffer, dtype=torch.uint8, count=span.size, offset=span.start)
-        return flat if flat.data_ptr() % max(dtype.itemsize, 1) == 0 else None
+        flat = torch.frombuffer(memory, dtype=torch.uint8, count=span.size, offset=span.start)
+        return flat if flat.data_ptr() % dtype.itemsize == 0 else None
 
     def _fill_in_place(self, span: RecordSpan, flat: torch.Tensor, dtype: torch.dtype) -> None:
         self._read(span, span.size, flat.numpy())
