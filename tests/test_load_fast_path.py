@@ -199,11 +199,57 @@ def test_iter_opcodes_on_real_members(members):
         (b"\x80\x02J\x01\x00", r"BININT at byte 2 is cut short"),
         (b"cos\nsystem", r"GLOBAL at byte 0 has no end of line"),
         (b"\x80\x02X\xff\xff\xff\x7f", r"expected 2147483647 bytes in a unicodestring4 at byte 2"),
+        # the opcodes the scan decodes inline (budget._Machine.run)
+        (b"\x80\x02Nq", r"BINPUT at byte 3 is cut short"),
+        (b"\x80\x02Nr\x01\x00", r"LONG_BINPUT at byte 3 is cut short"),
+        (b"\x80\x02j\x01", r"LONG_BINGET at byte 2 is cut short"),
+        (b"\x80\x02M\x01", r"BININT2 at byte 2 is cut short"),
+        (b"\x80\x02G\x00\x00", r"BINFLOAT at byte 2 is cut short"),
+        (b"\x80\x02\x8c", r"SHORT_BINUNICODE at byte 2 is cut short"),
+        (b"\x80\x02\x8c\x05abc", r"expected 5 bytes in a unicodestring1 at byte 2, but only 3 remain"),
+        (b"\x80\x02X\x01\x00", r"BINUNICODE at byte 2 is cut short"),
+        (b"\x80\x02h\x07.", r"memo key 7 was never stored"),
+        (b"\x80\x02q\x00.", r"stack underflow"),
+        (b"\x80\x02N\x86.", r"stack underflow"),
+        (b"\x80\x02NR.", r"stack underflow"),
+        (b"\x80\x02Ns.", r"stack underflow"),
+        (b"\x80\x02}Ns.", r"an opcode finds no value to work on"),
+        (b"\x80\x02Q.", r"stack underflow"),
+        (b"\x80\x04\x94.", r"stack underflow"),
+        (b"\x80\x02Nt.", r"no MARK on the stack"),
+        (b"\x80\x02(N", r"pickle exhausted before seeing STOP"),
     ],
 )
 def test_iter_opcodes_refuses_malformed_streams_without_allocating(data, match):
     with pytest.raises(CorruptBundleError, match=match):
         scan_pickle_structure(data, "x")
+
+
+def test_the_scan_refuses_a_memo_slot_past_the_data_in_either_binary_form():
+    for data in (b"\x80\x02Nr\xff\xff\xff\x7f.", b"\x80\x02Nq\xfa."):
+        with pytest.raises(UnsafeBundleError, match=r"stores into pickle memo slot \d+, past anything its \d+ bytes"):
+            scan_pickle_structure(data, "x")
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_plain, protocol=st.integers(0, pickle.HIGHEST_PROTOCOL))
+def test_the_scan_accepts_plain_data_and_refuses_every_cut_of_it(value, protocol):
+    """Whatever pickle writes for plain data passes; every strict prefix of it is a typed refusal (the cut lands
+    inside each kind of argument the scan decodes, inline or not)."""
+    data = pickle.dumps(value, protocol=protocol)
+    scan_pickle_structure(data, "x")
+    for end in range(len(data)):
+        with pytest.raises(CorruptBundleError):
+            scan_pickle_structure(data[:end], "x")
+
+
+def test_the_scan_accepts_the_real_members_and_refuses_their_cuts(members):
+    pickled = torch._C.PyTorchFileReader(io.BytesIO(members[WEIGHTS])).get_record("data.pkl")
+    for data in (members[MANIFEST], members[PARAMS], pickled):
+        scan_pickle_structure(data, "x")
+        for end in range(0, len(data), max(1, len(data) // 150)):
+            with pytest.raises(CorruptBundleError):
+                scan_pickle_structure(data[:end], "x")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -872,3 +918,4 @@ def test_damage_anywhere_in_a_large_member_is_found(tmp_path):
         target.write_bytes(bytes(damaged))
         with pytest.raises(CorruptBundleError, match=rf"'{WEIGHTS}' does not match the sha256 recorded in manifest"):
             read_bundle(target)
+

@@ -27,7 +27,6 @@ import itertools
 import pickle
 import pickletools
 import struct
-import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -103,17 +102,63 @@ _OPCODES = _opcode_table()
 _STOP = ord(pickle.STOP)
 
 
+def _decode_argument(data: bytes, view: memoryview, pos: int, entry: tuple[str, int, Any, str, int], at: int
+                     ) -> tuple[Any, int]:
+    """The argument of the opcode ``entry`` at byte ``at``, starting at ``pos``, and where the next opcode starts.
+
+    Numbers as ``int``/``float``, short text as ``str``, ``GLOBAL``/``INST`` as ``"module name"``, and payloads as
+    zero-copy ``memoryview`` slices. A count that runs past the end of the data is an error here, never an
+    allocation.
+
+    Raises:
+        ValueError: a truncated argument.
+    """
+    name, kind, layout, arg_name, size = entry
+    end = len(data)
+    if kind == _NO_ARG:
+        return None, pos
+    if kind == _FIXED:
+        if pos + size > end:
+            raise ValueError(f"{name} at byte {at} is cut short")
+        return layout.unpack_from(data, pos)[0], pos + size
+    if kind == _COUNTED:
+        if pos + size > end:
+            raise ValueError(f"{name} at byte {at} is cut short")
+        count = layout.unpack_from(data, pos)[0]
+        pos += size
+        if count < 0 or count > end - pos:
+            raise ValueError(f"expected {count} bytes in a {arg_name} at byte {at}, but only {end - pos} remain")
+        payload = view[pos : pos + count]
+        if arg_name.startswith("long"):
+            return int.from_bytes(payload, "little", signed=True), pos + count
+        if arg_name.startswith("unicode") and count <= _DECODED_TEXT_BYTES:
+            return str(payload, "utf-8", "surrogatepass"), pos + count
+        return payload, pos + count
+    lines = []
+    for _ in range(2 if kind == _TWO_LINES else 1):
+        newline = data.find(b"\n", pos)
+        if newline < 0:
+            raise ValueError(f"{name} at byte {at} has no end of line")
+        lines.append(view[pos:newline])
+        pos = newline + 1
+    if kind == _TWO_LINES:
+        return " ".join(str(line, "utf-8", "replace") for line in lines), pos
+    if arg_name == "decimalnl_short" and name in ("GET", "PUT"):
+        return int(bytes(lines[0])), pos  # a memo index
+    if len(lines[0]) <= _DECODED_TEXT_BYTES:
+        return str(lines[0], "utf-8", "replace"), pos
+    return lines[0], pos
+
+
 def walk_opcodes(
     data: bytes, actions: Mapping[str, Callable[[str, Any], None]], default: Callable[[str, Any], None]
 ) -> None:
     """Call ``actions[name](name, arg)`` (``default`` for names it lacks) for each opcode of the pickle in ``data``,
     up to ``STOP``, without building anything.
 
-    The opcodes and arguments :func:`pickletools.genops` yields, four times faster (this walk is on every load's
-    path, so it is one loop that calls each opcode's action directly), with arguments in the form :class:`_Machine`
-    weighs them: numbers as ``int``/``float``, short text as ``str``, ``GLOBAL``/``INST`` as ``"module name"``,
-    and payloads as zero-copy ``memoryview`` slices. A count that runs past the end of the data is an error here,
-    never an allocation.
+    The opcodes and arguments :func:`pickletools.genops` yields, with arguments in the form :class:`_Machine`
+    weighs them (:func:`_decode_argument`). :func:`scan_pickle_structure` does not go through here: it decodes the
+    frequent opcodes inline (:meth:`_Machine.run`) and the others with the same :func:`_decode_argument`.
 
     Raises:
         ValueError: an unknown opcode, a truncated argument, or no ``STOP``.
@@ -121,58 +166,14 @@ def walk_opcodes(
     view = memoryview(data)
     end = len(data)
     pos = 0
-    table = _OPCODES
-    acts = [None if entry is None else actions.get(entry[0], default) for entry in table]  # by opcode byte
     while pos < end:
-        code = data[pos]
-        entry = table[code]
-        if entry is None:
-            raise ValueError(f"unknown opcode {code:#04x} at byte {pos}")
-        name, kind, layout, arg_name, size = entry
         at = pos
-        pos += 1
-        if kind == _FIXED:  # the most frequent: memo indices and small ints
-            if pos + size > end:
-                raise ValueError(f"{name} at byte {at} is cut short")
-            arg = layout.unpack_from(data, pos)[0]
-            pos += size
-        elif kind == _NO_ARG:
-            arg = None
-        elif kind == _COUNTED:
-            if pos + size > end:
-                raise ValueError(f"{name} at byte {at} is cut short")
-            count = layout.unpack_from(data, pos)[0]
-            pos += size
-            if count < 0 or count > end - pos:
-                raise ValueError(
-                    f"expected {count} bytes in a {arg_name} at byte {at}, but only {end - pos} remain"
-                )
-            payload = view[pos : pos + count]
-            pos += count
-            if arg_name.startswith("long"):
-                arg = int.from_bytes(payload, "little", signed=True)
-            elif arg_name.startswith("unicode") and count <= _DECODED_TEXT_BYTES:
-                arg = str(payload, "utf-8", "surrogatepass")
-            else:
-                arg = payload
-        else:
-            lines = []
-            for _ in range(2 if kind == _TWO_LINES else 1):
-                newline = data.find(b"\n", pos)
-                if newline < 0:
-                    raise ValueError(f"{name} at byte {at} has no end of line")
-                lines.append(view[pos:newline])
-                pos = newline + 1
-            if kind == _TWO_LINES:
-                arg = " ".join(str(line, "utf-8", "replace") for line in lines)
-            elif arg_name == "decimalnl_short" and name in ("GET", "PUT"):
-                arg = int(bytes(lines[0]))  # a memo index
-            elif len(lines[0]) <= _DECODED_TEXT_BYTES:
-                arg = str(lines[0], "utf-8", "replace")
-            else:
-                arg = lines[0]
-        acts[code](name, arg)
-        if code == _STOP:
+        entry = _OPCODES[data[pos]]
+        if entry is None:
+            raise ValueError(f"unknown opcode {data[pos]:#04x} at byte {pos}")
+        arg, pos = _decode_argument(data, view, pos + 1, entry, at)
+        actions.get(entry[0], default)(entry[0], arg)
+        if data[at] == _STOP:
             return
     raise ValueError("pickle exhausted before seeing STOP")
 
@@ -210,12 +211,11 @@ _HASHING_CALLS = {
 _ATOM_OPS = {
     "INT", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
     "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8",
-    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "PERSID",
-}
-#: Atoms that weigh 1 whatever their argument: ints of at most 32 bits, floats, None, booleans, buffers, extension
-#: codes (EXT*: refused by a screen, weighed like a global otherwise).
-_UNIT_OPS = {"BININT", "BININT1", "BININT2", "NONE", "NEWTRUE", "NEWFALSE", "BINFLOAT", "NEXT_BUFFER", "EXT1", "EXT2",
-             "EXT4"}
+    "UNICODE", "BINUNICODE8", "FLOAT", "PERSID",
+}  # SHORT_BINUNICODE and BINUNICODE: decoded inline by _Machine.run
+#: Atoms that weigh 1 whatever their argument: buffers and extension codes (EXT*: refused by a screen, weighed like
+#: a global otherwise); the ints of at most 32 bits, floats, None and booleans are decoded inline (_UNIT_WIDTHS).
+_UNIT_OPS = {"NEXT_BUFFER", "EXT1", "EXT2", "EXT4"}
 
 
 class _Machine:
@@ -234,8 +234,23 @@ class _Machine:
     # stack helpers -------------------------------------------------------------------------------------------
     def pop(self) -> Any:
         if not self.stack:
-            raise CorruptBundleError(f"{self.member} is not a valid pickle: stack underflow")
+            raise self._underflow()
         return self.stack.pop()
+
+    def _underflow(self) -> CorruptBundleError:
+        return CorruptBundleError(f"{self.member} is not a valid pickle: stack underflow")
+
+    def _unknown_memo_key(self, index: Any) -> CorruptBundleError:
+        return CorruptBundleError(f"{self.member} is not a valid pickle: memo key {index} was never stored")
+
+    def _memo_slot_refusal(self, index: Any) -> UnsafeBundleError:
+        # A pickler numbers its memo entries 0, 1, 2, ... one PUT (at least two bytes) per stored object, so a real
+        # index stays below the data's length. The C unpickler grows its memo array to twice the index it is given
+        # and clears every slot: one LONG_BINPUT of 2**31 in a ten-byte pickle asks for 32 GiB.
+        return UnsafeBundleError(
+            f"{self.member} stores into pickle memo slot {short_repr(index)}, past anything its {self.size} bytes "
+            "can number (the C unpickler would allocate memory for every slot up to it); refused before unpickling"
+        )
 
     def pop_mark(self) -> list[Any]:
         if not self.metastack:
@@ -288,15 +303,125 @@ class _Machine:
         node = self.node(target)
         node.weight = self.weigh(node.weight, *(self.node(v).weight for v in values))
 
-    # one opcode ---------------------------------------------------------------------------------------------
-    def step(self, name: str, arg: Any) -> None:
-        """Apply one opcode to the abstract stack (dispatched through :data:`_STEPS`)."""
-        handler = _STEPS.get(name)
-        if handler is None:
-            if name in ("PROTO", "FRAME", "STOP"):
+    # the whole pickle ----------------------------------------------------------------------------------------
+    def run(self, data: bytes, screen: Callable[[str, Any], None] | None = None) -> None:
+        """Apply each opcode of the pickle in ``data`` to the abstract stack, up to ``STOP``.
+
+        One loop on every load's path (the weights' ``data.pkl`` alone has ~2,600 opcodes): the opcodes plain data
+        and ``torch.save`` write most (small ints, memo puts and gets, text, marks, tuples, calls, dict items) are
+        decoded inline and handed to their handler directly; the others are decoded by :func:`_decode_argument` and
+        dispatched through :data:`_STEPS`, after ``screen(name, arg)`` for those of :data:`REFERENCING_OPCODES`.
+
+        Raises:
+            ValueError: an unknown opcode, a truncated argument, or no ``STOP`` (the caller words it).
+        """
+        view = memoryview(data)
+        end = size = len(data)
+        cap = self.budget + 1
+        unit, memo, metastack, immutable = self.unit, self.memo, self.metastack, self.immutable
+        stack = self.stack
+        pos = 0
+        while pos < end:
+            at = pos
+            code = data[pos]
+            pos += 1
+            width = _UNIT_WIDTHS[code]
+            if width >= 0:  # small ints, floats, None, booleans: the shared weight-1 node
+                pos += width
+                if pos > end:
+                    raise ValueError(f"{_OPCODES[code][0]} at byte {at} is cut short")
+                stack.append(unit)
+                continue
+            width = _MEMO_INDEX_WIDTHS[code]
+            if width:  # BINPUT, LONG_BINPUT, BINGET, LONG_BINGET
+                if pos + width > end:
+                    raise ValueError(f"{_OPCODES[code][0]} at byte {at} is cut short")
+                index = data[pos] if width == 1 else _UINT4.unpack_from(data, pos)[0]
+                pos += width
+                if code == _BINGET or code == _LONG_BINGET:
+                    value = memo.get(index)
+                    if value is None:
+                        raise self._unknown_memo_key(index)
+                    stack.append(value)
+                else:
+                    if index >= size:
+                        raise self._memo_slot_refusal(index)
+                    if not stack:
+                        raise self._underflow()
+                    memo[index] = stack[-1]
+            elif code == _SHORT_BINUNICODE or code == _BINUNICODE:
+                if code == _SHORT_BINUNICODE:
+                    count = data[pos] if pos < end else -1
+                    pos += 1
+                else:
+                    count = _UINT4.unpack_from(data, pos)[0] if pos + 4 <= end else -1
+                    pos += 4
+                if count < 0:
+                    raise ValueError(f"{_OPCODES[code][0]} at byte {at} is cut short")
+                if count > end - pos:
+                    raise ValueError(f"expected {count} bytes in a {_OPCODES[code][3]} at byte {at}, but only "
+                                     f"{end - pos} remain")
+                if count <= _DECODED_TEXT_BYTES:  # short text keeps its name (STACK_GLOBAL names a global with it)
+                    text = str(view[pos : pos + count], "utf-8", "surrogatepass")
+                    stack.append(_Node(min(1 + len(text) // 8, cap), name=text if len(text) <= 200 else ""))
+                else:
+                    stack.append(_Node(min(1 + count // 8, cap)))
+                pos += count
+            elif code == _MARK:
+                metastack.append(stack)
+                stack = self.stack = []
+            elif code == _TUPLE:
+                items = self.pop_mark()
+                stack = self.stack
+                stack.append(immutable(items))
+            elif code in _SMALL_TUPLES:
+                count = _SMALL_TUPLES[code]
+                if len(stack) < count:
+                    raise self._underflow()
+                items = stack[-count:]
+                del stack[-count:]
+                stack.append(immutable(items))
+            elif code == _EMPTY_TUPLE:
+                stack.append(immutable([]))
+            elif code == _EMPTY_DICT or code == _EMPTY_LIST:
+                stack.append(_Node(1, 1, True))
+            elif code == _REDUCE:
+                if len(stack) < 2:
+                    raise self._underflow()
+                args = stack.pop()
+                stack.append(self.call(stack.pop(), [args]))
+            elif code == _SETITEM:
+                if len(stack) < 2:
+                    raise self._underflow()
+                value = stack.pop()
+                key = stack.pop()
+                self.hashed(key)
+                self.grow(stack[-1] if stack else None, key, value)
+            elif code == _BINPERSID:
+                if not stack:
+                    raise self._underflow()
+                stack.append(_Node(self.node(stack.pop()).weight))
+            elif code == _MEMOIZE:
+                if not stack:
+                    raise self._underflow()
+                memo[len(memo)] = stack[-1]
+            elif code == _STOP:
                 return
-            raise CorruptBundleError(f"{self.member} uses the unknown pickle opcode {name}")
-        handler(self, name, arg)
+            else:
+                entry = _OPCODES[code]
+                if entry is None:
+                    raise ValueError(f"unknown opcode {code:#04x} at byte {at}")
+                arg, pos = _decode_argument(data, view, pos, entry, at)
+                name = entry[0]
+                if screen is not None and name in REFERENCING_OPCODES:
+                    screen(name, arg)
+                handler = _STEPS.get(name)
+                if handler is not None:
+                    handler(self, name, arg)
+                    stack = self.stack  # MARK-consuming handlers put the stack below the mark back
+                elif name not in ("PROTO", "FRAME"):
+                    raise CorruptBundleError(f"{self.member} uses the unknown pickle opcode {name}")
+        raise ValueError("pickle exhausted before seeing STOP")
 
     def _unit_atom(self, name: str, arg: Any) -> None:
         # small ints, floats, None, booleans: one shared weight-1 node per run (atoms are never grown; a malformed
@@ -319,17 +444,8 @@ class _Machine:
     def _empty_container(self, name: str, arg: Any) -> None:
         self.stack.append(_Node(1, 1, True))
 
-    def _empty_tuple(self, name: str, arg: Any) -> None:
-        self.stack.append(self.immutable([]))
 
-    def _small_tuple(self, name: str, arg: Any) -> None:
-        count = int(name[-1])
-        items = [self.pop() for _ in range(count)][::-1]
-        self.stack.append(self.immutable(items))
 
-    def _tuple(self, name: str, arg: Any) -> None:
-        items = self.pop_mark()  # before self.stack.append is looked up: pop_mark replaces self.stack
-        self.stack.append(self.immutable(items))
 
     def _frozenset(self, name: str, arg: Any) -> None:
         items = self.pop_mark()
@@ -353,10 +469,6 @@ class _Machine:
         items = self.pop_mark()
         self.grow(self.stack[-1] if self.stack else None, *items)
 
-    def _setitem(self, name: str, arg: Any) -> None:
-        value, key = self.pop(), self.pop()
-        self.hashed(key)
-        self.grow(self.stack[-1] if self.stack else None, key, value)
 
     def _setitems(self, name: str, arg: Any) -> None:
         items = self.pop_mark()
@@ -380,30 +492,17 @@ class _Machine:
     def _dup(self, name: str, arg: Any) -> None:
         self.stack.append(self.stack[-1] if self.stack else self.pop())
 
-    def _mark(self, name: str, arg: Any) -> None:
-        self.metastack.append(self.stack)
-        self.stack = []
 
-    def _get(self, name: str, arg: Any) -> None:
+    def _get(self, name: str, arg: Any) -> None:  # GET; the binary forms are decoded in run()
         value = self.memo.get(arg)
         if value is None:
-            raise CorruptBundleError(f"{self.member} is not a valid pickle: memo key {arg} was never stored")
+            raise self._unknown_memo_key(arg)
         self.stack.append(value)
 
-    def _put(self, name: str, arg: Any) -> None:
-        # A pickler numbers its memo entries 0, 1, 2, ... one PUT (at least two bytes) per stored object, so a real
-        # index stays below the data's length. The C unpickler grows its memo array to twice the index it is given
-        # and clears every slot: one LONG_BINPUT of 2**31 in a ten-byte pickle asks for 32 GiB.
+    def _put(self, name: str, arg: Any) -> None:  # PUT; the binary forms are decoded in run()
         if not 0 <= arg < self.size:
-            raise UnsafeBundleError(
-                f"{self.member} stores into pickle memo slot {short_repr(arg)}, past anything its {self.size} bytes "
-                "can number (the C unpickler would allocate memory for every slot up to it); refused before "
-                "unpickling"
-            )
+            raise self._memo_slot_refusal(arg)
         self.memo[arg] = self.stack[-1] if self.stack else self.pop()
-
-    def _memoize(self, name: str, arg: Any) -> None:
-        self.memo[len(self.memo)] = self.stack[-1] if self.stack else self.pop()
 
     def _global(self, name: str, arg: Any) -> None:
         self.stack.append(_Node(1, name=str(arg)))
@@ -435,9 +534,6 @@ class _Machine:
         self.hashed(state)  # dict state: every key is set as an attribute
         self.grow(self.stack[-1] if self.stack else None, state)
 
-    def _binpersid(self, name: str, arg: Any) -> None:
-        pid = self.pop()
-        self.stack.append(_Node(self.node(pid).weight))
 
     def _readonly_buffer(self, name: str, arg: Any) -> None:
         self.node(self.stack[-1] if self.stack else None)
@@ -453,51 +549,55 @@ class _Machine:
         return self.immutable(args)
 
 
-#: Opcode name -> the :class:`_Machine` method applying it (PROTO, FRAME and STOP change nothing).
+#: Opcode name -> the :class:`_Machine` method applying it, for the opcodes :meth:`_Machine.run` does not apply
+#: inline (PROTO and FRAME change nothing).
 _STEPS: dict[str, Callable[[_Machine, str, Any], None]] = {
     **dict.fromkeys(_ATOM_OPS, _Machine._atom),
     **dict.fromkeys(_UNIT_OPS, _Machine._unit_atom),
-    **dict.fromkeys(("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"), _Machine._empty_container),
-    "EMPTY_TUPLE": _Machine._empty_tuple,
-    **dict.fromkeys(("TUPLE1", "TUPLE2", "TUPLE3"), _Machine._small_tuple),
-    "TUPLE": _Machine._tuple,
+    "EMPTY_SET": _Machine._empty_container,
     "FROZENSET": _Machine._frozenset,
     "LIST": _Machine._list,
     "DICT": _Machine._dict,
     "APPEND": _Machine._append,
     "APPENDS": _Machine._appends,
-    "SETITEM": _Machine._setitem,
     "SETITEMS": _Machine._setitems,
     "ADDITEMS": _Machine._additems,
     "POP": _Machine._pop,
     "POP_MARK": _Machine._pop_mark,
     "DUP": _Machine._dup,
-    "MARK": _Machine._mark,
-    **dict.fromkeys(("GET", "BINGET", "LONG_BINGET"), _Machine._get),
-    **dict.fromkeys(("PUT", "BINPUT", "LONG_BINPUT"), _Machine._put),
-    "MEMOIZE": _Machine._memoize,
+    "GET": _Machine._get,
+    "PUT": _Machine._put,
     "GLOBAL": _Machine._global,
     "STACK_GLOBAL": _Machine._stack_global,
-    **dict.fromkeys(("REDUCE", "NEWOBJ"), _Machine._reduce),
+    "NEWOBJ": _Machine._reduce,
     "NEWOBJ_EX": _Machine._newobj_ex,
     "OBJ": _Machine._obj,
     "INST": _Machine._inst,
     "BUILD": _Machine._build,
-    "BINPERSID": _Machine._binpersid,
     "READONLY_BUFFER": _Machine._readonly_buffer,
 }
 
 
-def _ignore(name: str, arg: Any) -> None:
-    """PROTO, FRAME and STOP change nothing on the abstract stack."""
+# What :meth:`_Machine.run` decodes inline, by opcode byte.
+def _by_opcode(widths: dict[bytes, int], default: int) -> list[int]:
+    table = [default] * 256
+    for opcode, width in widths.items():
+        table[opcode[0]] = width
+    return table
 
 
-def _screened(screen: Callable[[str, Any], None], action: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
-    def screened(name: str, arg: Any) -> None:
-        screen(name, arg)
-        action(name, arg)
-
-    return screened
+#: Per opcode byte: the argument's width for the atoms of weight 1 (small ints, floats, None, booleans), else -1.
+_UNIT_WIDTHS = _by_opcode({pickle.BININT1: 1, pickle.BININT2: 2, pickle.BININT: 4, pickle.BINFLOAT: 8,
+                           pickle.NONE: 0, pickle.NEWTRUE: 0, pickle.NEWFALSE: 0}, -1)
+#: Per opcode byte: the memo index's width for the binary memo opcodes, else 0.
+_MEMO_INDEX_WIDTHS = _by_opcode({pickle.BINPUT: 1, pickle.LONG_BINPUT: 4, pickle.BINGET: 1, pickle.LONG_BINGET: 4}, 0)
+_SMALL_TUPLES = {pickle.TUPLE1[0]: 1, pickle.TUPLE2[0]: 2, pickle.TUPLE3[0]: 3}
+_BINGET, _LONG_BINGET = pickle.BINGET[0], pickle.LONG_BINGET[0]
+_SHORT_BINUNICODE, _BINUNICODE = pickle.SHORT_BINUNICODE[0], pickle.BINUNICODE[0]
+_MARK, _TUPLE, _EMPTY_TUPLE, _REDUCE = pickle.MARK[0], pickle.TUPLE[0], pickle.EMPTY_TUPLE[0], pickle.REDUCE[0]
+_EMPTY_DICT, _EMPTY_LIST = pickle.EMPTY_DICT[0], pickle.EMPTY_LIST[0]
+_SETITEM, _SETITEMS, _BINPERSID, _MEMOIZE = pickle.SETITEM[0], pickle.SETITEMS[0], pickle.BINPERSID[0], pickle.MEMOIZE[0]
+_UINT4 = struct.Struct("<I")
 
 
 #: Opcodes that name code to import or fetch: what a ``screen`` passed to :func:`scan_pickle_structure` is shown.
@@ -523,16 +623,8 @@ def scan_pickle_structure(
             (``GLOBAL``'s argument is ``"module name"``) in the same walk; it raises to refuse the pickle.
     """
     machine = _Machine(member, node_budget(len(data)), len(data))
-    actions: dict[str, Callable[[str, Any], None]] = {
-        name: types.MethodType(handler, machine) for name, handler in _STEPS.items()
-    }
-    for name in ("PROTO", "FRAME", "STOP"):
-        actions[name] = _ignore
-    if screen is not None:
-        for name in REFERENCING_OPCODES:
-            actions[name] = _screened(screen, actions.get(name, machine.step))
     try:
-        walk_opcodes(data, actions, machine.step)  # step: an opcode no action knows
+        machine.run(data, screen)
     except (UnsafeBundleError, CorruptBundleError):
         raise
     except Exception as exc:  # noqa: BLE001 - a malformed stream (ValueError from the walk, or worse)
