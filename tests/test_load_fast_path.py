@@ -1,7 +1,7 @@
 """The load path of performance round 2 (docs/bundle-format.md §1.3, §5): stored torch members read whole from
 the file in one call, their storages tensors over those bytes, with their sha256/CRC on a worker thread; truncated
-archives; the table-driven pickle walk; the C unpickler restricted to the state_dict allow-list; and networks
-adopted from weightless blueprints.
+archives; the pickle walk and structure scan; the C unpickler restricted to the state_dict allow-list; networks
+adopted from weightless blueprints; and loaders that build the network while the digests run.
 
 Every test here can fail: each compares against an independent oracle (pickletools, plain zipfile + torch.load,
 a network built the slow way) or asserts a refusal.
@@ -919,3 +919,102 @@ def test_damage_anywhere_in_a_large_member_is_found(tmp_path):
         with pytest.raises(CorruptBundleError, match=rf"'{WEIGHTS}' does not match the sha256 recorded in manifest"):
             read_bundle(target)
 
+
+# ------------------------------------------------------------------------------------------------------------
+# read_and_build: the weights' digests checked while the network is built
+# ------------------------------------------------------------------------------------------------------------
+def _first_storage_offset(torch_file: bytes) -> int:
+    """Where the first storage record's bytes start inside a torch zip file (stored records)."""
+    with zipfile.ZipFile(io.BytesIO(torch_file)) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename)
+    name_length, extra_length = struct.unpack_from("<HH", torch_file, info.header_offset + 26)
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def test_weights_damaged_after_writing_are_refused_after_the_build_and_the_config_is_put_back(base, members, tmp_path):
+    """A flipped low mantissa bit decodes to finite weights that fit, so only the sha256 (checked while the network
+    is built) finds it: the load is refused and the global config is as it was before, keys the snapshot would have
+    added included."""
+    from mlflow_ptycho_flavor.bundle import params as params_module
+    from mlflow_ptycho_flavor.bundle.io import read_and_build
+
+    damaged = bytearray(members[WEIGHTS])
+    damaged[_first_storage_offset(members[WEIGHTS])] ^= 0x01
+    path = tmp_path / "wts.h5.zip"
+    _rezip({**members, WEIGHTS: bytes(damaged)}, path)  # zipfile records the new CRC: the manifest's sha256 differs
+    params_module.reset_cfg()
+    params_module.cfg["N"] = 999
+    params_module.cfg.pop("gridsize")
+    before = dict(params_module.cfg)
+    try:
+        with pytest.raises(CorruptBundleError, match=rf"'{WEIGHTS}' does not match the sha256 recorded"):
+            read_and_build(path, device="cpu")
+        assert params_module.cfg == before
+        with pytest.raises(CorruptBundleError, match="does not match the sha256"):
+            load_torch_bundle(path, device="cpu")
+        assert params_module.cfg == before
+        # the same bytes with the damage undone load, restore the snapshot, and leave no digest thread behind
+        contents, network = read_and_build(base, device="cpu")
+        assert params_module.cfg["N"] == 64 and params_module.cfg["gridsize"] == 1
+        assert WEIGHTS in contents.hashes_verified
+        assert not [t for t in threading.enumerate() if t.name == "ptycho-bundle-digest"]
+    finally:
+        params_module.reset_cfg()
+
+
+def test_a_failed_build_reports_damage_first_and_puts_the_config_back(base, members, tmp_path, monkeypatch):
+    """When the build itself fails while the digests would refuse the weights, the damage is what the error says
+    (it explains the failure); the config is put back either way."""
+    from mlflow_ptycho_flavor.bundle import params as params_module
+    from mlflow_ptycho_flavor.bundle.io import BundleContents, read_and_build
+    from mlflow_ptycho_flavor.errors import StateDictMismatchError
+
+    damaged = bytearray(members[WEIGHTS])
+    damaged[_first_storage_offset(members[WEIGHTS])] ^= 0x01
+    path = tmp_path / "wts.h5.zip"
+    _rezip({**members, WEIGHTS: bytes(damaged)}, path)
+
+    def failing_build(self, *args, **kwargs):
+        raise StateDictMismatchError("the build failed")
+
+    monkeypatch.setattr(BundleContents, "build_network", failing_build)
+    params_module.reset_cfg()
+    before = dict(params_module.cfg)
+    try:
+        with pytest.raises(CorruptBundleError, match="does not match the sha256"):
+            read_and_build(path, device="cpu")
+        assert params_module.cfg == before
+        with pytest.raises(StateDictMismatchError, match="the build failed"):
+            read_and_build(base, device="cpu")  # intact weights: the build's own error
+        assert params_module.cfg == before
+    finally:
+        params_module.reset_cfg()
+
+
+def test_params_restored_puts_back_only_what_the_snapshot_set():
+    from mlflow_ptycho_flavor.bundle import params as params_module
+
+    params_module.reset_cfg()
+    params_module.cfg["label"] = "mine"
+    before = dict(params_module.cfg)
+    snapshot = {**params_module.BUNDLE_PARAM_DEFAULTS, "N": 64, "gridsize": 1, "label": "bundle", "new_key": 1}
+    try:
+        with pytest.raises(RuntimeError, match="later failure"):
+            with params_module.params_restored(snapshot) as restored:
+                assert restored["label"] == "bundle" and restored["new_key"] == 1 and restored["N"] == 64
+                raise RuntimeError("later failure")
+        assert params_module.cfg == before and "new_key" not in params_module.cfg
+        with params_module.params_restored(snapshot):
+            pass
+        assert params_module.cfg["new_key"] == 1 and params_module.cfg["label"] == "bundle"  # kept on success
+    finally:
+        params_module.reset_cfg()
+
+
+def test_every_module_of_a_loaded_network_is_in_eval_mode(base):
+    """Adopted networks come from a blueprint pickled in eval mode (no walk per load); every module says so."""
+    network, _ = load_torch_bundle(base, device="cpu")
+    assert not any(module.training for module in network.modules())
+    config = NetworkConfig(N=64, n_filters_scale=1)
+    adopted = network_from_state_dict(config, {k: v.clone() for k, v in network.state_dict().items()})
+    assert not any(module.training for module in adopted.modules())

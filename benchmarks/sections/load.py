@@ -276,8 +276,9 @@ def run(ctx: Context) -> SectionResult:
                         "The pickle format's load is `torch.load` of one file, running whatever code it holds. Ours "
                         "adds what the table lists: the structure scans and the finite check on the loading "
                         "thread, the digests on a worker thread (one sha256 and one CRC-32 call over the member "
-                        "read whole into memory, both releasing the GIL: a second core runs them beside the "
-                        "decoding, and the load ends with them where they take longer), plus the small members "
+                        "read whole into memory right after the manifest, both releasing the GIL: a second core "
+                        "runs them beside the decoding and the network's construction, which is handed out once "
+                        "they match), plus the small members "
                         "(manifest, params, metadata), the nested-zip checks and the network adoption (phases "
                         "above). The summary row 'less its main-thread checks' subtracts the scans and the finite "
                         "check repeat by repeat.")),

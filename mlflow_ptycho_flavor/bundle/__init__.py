@@ -6,7 +6,7 @@ reads: bundle, TensorFlow archive, Lightning checkpoint, bare state_dict, MLflow
 :mod:`.budget` (bounded work on untrusted pickles and decoded values), :mod:`.unpickle` (restricted decoding of
 pickled members), :mod:`.params` (the legacy ``params.cfg`` snapshot and CONFIG-001), :mod:`.metadata`
 (``torch_scaling_metadata.pt`` <-> network config), :mod:`.compat` (eras and the fit check), :mod:`.io`
-(``read_bundle`` / ``load_torch_bundle``), :mod:`.writer` (``save_torch_bundle`` / ``write_bundle``).
+(``read_bundle`` / ``read_and_build`` / ``load_torch_bundle``), :mod:`.writer` (``save_torch_bundle`` / ``write_bundle``).
 """
 
 from mlflow_ptycho_flavor.bundle.archive import (
@@ -17,7 +17,7 @@ from mlflow_ptycho_flavor.bundle.archive import (
     resolve_bundle_path,
 )
 from mlflow_ptycho_flavor.bundle.identify import ArtifactInfo, ArtifactKind, describe_for_error, identify_artifact
-from mlflow_ptycho_flavor.bundle.io import BundleContents, load_torch_bundle, read_bundle
+from mlflow_ptycho_flavor.bundle.io import BundleContents, load_torch_bundle, read_and_build, read_bundle
 from mlflow_ptycho_flavor.bundle.writer import save_torch_bundle
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "identify_artifact",
     "load_torch_bundle",
     "looks_like_bundle_path",
+    "read_and_build",
     "read_bundle",
     "resolve_bundle_path",
     "save_torch_bundle",

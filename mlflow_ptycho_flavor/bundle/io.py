@@ -21,6 +21,7 @@ MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -83,6 +84,7 @@ __all__ = [
     "BUNDLE_FILE_NAME",
     "BundleContents",
     "read_bundle",
+    "read_and_build",
     "load_torch_bundle",
 ]
 
@@ -181,7 +183,9 @@ class BundleContents:
             network = network.to(target)
             if nhwc_weights:
                 network = network.to(memory_format=torch.channels_last)
-        return (use_channels_last(network) if channels_last else network).eval()
+        if channels_last:
+            network = use_channels_last(network)
+        return network if adopt_weights else network.eval()  # adopted: in eval mode already (adopting_network)
 
 
 def _channels_last_copies(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -335,6 +339,8 @@ class _MemberDigest:
             self._thread = None
 
     def _compute(self) -> None:
+        # One thread, sha256 first (measured on a two-core machine: a thread for each digest beside the loading one,
+        # or the CRC first, made the whole load 1.13x slower)
         memory, self._memory = self._memory, None
         if memory is None:
             return
@@ -361,6 +367,19 @@ class _MemberDigest:
             verified.append(self.name)
         if self.expected_crc is not None and self._crc != self.expected_crc:
             raise self.reader.crc_error(self.name)
+
+
+def _load_stored(reader: ArchiveReader, name: str, archive: Path) -> MemberView | None:
+    """A stored member read whole into memory (:meth:`MemberView.load`), or None where it is absent or deflated (or
+    the archive cannot give a view: then it is read with :meth:`ArchiveReader.read`)."""
+    if name not in reader or not reader.stored(name):
+        return None
+    # Stored bytes are the file's own: the compression-ratio cap, against inflation, has nothing to bound (the
+    # member's extent is checked against the next structure instead); the per-member cap applies.
+    view = reader.view(name, genuine_bytes=reader.size(name))
+    if view is not None and not view.load(torch.empty(view.size, dtype=torch.uint8).numpy()):
+        raise CorruptBundleError(f"member {short_repr(name)} of {archive} is cut short (the file shrank)")
+    return view
 
 
 def read_bundle(
@@ -394,12 +413,40 @@ def read_bundle(
         BundleError: one of its subclasses, naming the cause and the fix
             (:class:`~mlflow_ptycho_flavor.errors.NonFiniteWeightsError` for NaN/inf weights).
     """
+    contents, digest = _read_bundle(
+        path, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling, limits=limits, allow_nonfinite=allow_nonfinite,
+        channels_last=channels_last,
+    )
+    digest.check(contents.hashes_verified)
+    return contents
+
+
+def _read_bundle(
+    path: PathLike,
+    *,
+    allow_unsafe: bool | None,
+    legacy_scaling: bool,
+    limits: BundleLimits,
+    allow_nonfinite: bool,
+    channels_last: bool,
+) -> tuple[BundleContents, "_MemberDigest"]:
+    """:func:`read_bundle`'s work, except that the weights' digests may still be running on their worker thread: the
+    caller checks them (:meth:`_MemberDigest.check`) before it hands out anything built from the contents. On an
+    error nothing is left running."""
     archive = resolve_bundle_path(path)
     scan = not unsafe_loading_allowed(allow_unsafe)  # same opt-in as the .dill members
     reader = ArchiveReader(archive, limits)
+    digest: _MemberDigest | None = None
     try:
         manifest = _decode_manifest(reader, allow_unsafe)
         verified: list[str] = []
+        weights_member = f"{INFERENCE_MODEL}/model.pth"
+        # A stored model.pth is read whole from the file in one call, its storages then tensors over those bytes
+        # (docs/bundle-format.md §1.3). It is read first, so that its digests run on a worker thread while the small
+        # members are decoded (its size is the file's own: no network configuration is needed to bound it).
+        weights: bytes | MemberView | None = _load_stored(reader, weights_member, archive)
+        if weights is not None:
+            digest = _MemberDigest(reader, manifest, weights_member, weights)
         snapshots: list[tuple[str, bytes, dict]] = []
         for model in manifest["models"]:
             member = f"{model}/params.dill"
@@ -446,20 +493,14 @@ def read_bundle(
             with config_errors(first_member):
                 network_config = network_config_from_params(params, legacy_scaling=legacy_scaling)
             check_input_scale(network_config, first_member)
-        weights_member = f"{INFERENCE_MODEL}/model.pth"
         # What the configured network's weights need decides how far model.pth may inflate (outer and nested zip),
         # never past the per-member cap.
         layout = network_layout(network_config)
         genuine = min(layout.genuine_file_bytes, limits.max_member_bytes)
-        # A stored model.pth is read whole from the file in one call, its storages then tensors over those bytes
-        # (docs/bundle-format.md §1.3); a deflated one is inflated into memory first.
-        weights = reader.view(weights_member, genuine_bytes=genuine)
-        if weights is not None and not weights.load(torch.empty(weights.size, dtype=torch.uint8).numpy()):
-            raise CorruptBundleError(f"member {short_repr(weights_member)} of {archive} is cut short (the file shrank)")
-        if weights is None:
+        if digest is None:  # deflated (inflated into memory now, within what the network needs) or absent
             weights = reader.read(weights_member, genuine_bytes=genuine, verify_crc=False)
+            digest = _MemberDigest(reader, manifest, weights_member, weights)
         weights_size = reader.size(weights_member)
-        digest = _MemberDigest(reader, manifest, weights_member, weights)
         try:
             state_dict = torch_load(weights, weights_member, scan=scan, max_inflated_bytes=max(weights_size, genuine),
                                     channels_last=channels_last)
@@ -471,17 +512,17 @@ def read_bundle(
         except BundleError:
             digest.check(verified)  # damage explains a decoding failure better than the decoder does
             raise
-        finally:
-            digest.wait()  # hashed before anyone may write the tensors that lie in the hashed buffer
-        digest.check(verified)
         hashes = manifest.get("sha256") or {}
         for name in reader.names:
-            if name not in verified and name != MANIFEST_MEMBER and hashes.get(name):
+            if name not in verified and name not in (MANIFEST_MEMBER, weights_member) and hashes.get(name):
                 _verify_hash(manifest, name, reader.read(name), verified)
         member_sizes = {name: reader.size(name) for name in reader.names}
+        pending, digest = digest, None  # the caller's to check (the buffer it hashes is only read meanwhile)
     finally:
+        if digest is not None:
+            digest.wait()  # an error: no thread outlives the read
         reader.close()
-    return BundleContents(
+    contents = BundleContents(
         path=archive,
         manifest=manifest,
         params=params,
@@ -491,6 +532,55 @@ def read_bundle(
         hashes_verified=verified,
         member_sizes=member_sizes,
     )
+    return contents, pending
+
+
+def read_and_build(
+    path: PathLike,
+    *,
+    device: str | torch.device | None = None,
+    channels_last: bool = False,
+    restore_params: bool = True,
+    allow_unsafe: bool | None = None,
+    legacy_scaling: bool = False,
+    limits: BundleLimits = DEFAULT_LIMITS,
+    allow_nonfinite: bool = False,
+) -> tuple[BundleContents, torch.nn.Module]:
+    """:func:`read_bundle`, CONFIG-001 (the params snapshot restored into the global config, unless
+    ``restore_params`` is False), then :meth:`BundleContents.build_network` adopting the weights: what every loader
+    does.
+
+    The weights' digests (sha256, CRC-32), which take longer than the rest of the read, run on their worker thread
+    while the network is built; the network is handed out only once they match. A load that fails after the
+    restore puts the global config back as it was (:func:`~.params.params_restored`).
+
+    Args:
+        path: ``wts.h5.zip``, its base ``wts.h5``, or a directory holding ``wts.h5.zip``.
+        device: where the network goes (``None``/``"auto"``: CUDA if available, else CPU).
+        channels_last: NHWC activations (:meth:`BundleContents.build_network`); the weights are read in NHWC
+            where the device wants them so (not on the CPU).
+        restore_params, allow_unsafe, legacy_scaling, limits, allow_nonfinite: see :func:`load_torch_bundle`.
+
+    Raises:
+        BundleError: one of its subclasses, naming the cause and the fix.
+        ValueError: ``device`` is not valid or not available.
+    """
+    nhwc_read = channels_last and resolve_device(device).type != "cpu"
+    contents, digest = _read_bundle(
+        path, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling, limits=limits, allow_nonfinite=allow_nonfinite,
+        channels_last=nhwc_read,
+    )
+    restored = params_module.params_restored(contents.params) if restore_params else contextlib.nullcontext()
+    with restored:
+        try:
+            network = contents.build_network(device, adopt_weights=True, channels_last=channels_last)
+        except BundleError:
+            digest.check(contents.hashes_verified)  # damage explains a failure better than the build does
+            raise
+        finally:
+            digest.wait()
+        digest.check(contents.hashes_verified)
+    return contents, network
 
 
 def load_torch_bundle(
@@ -526,10 +616,8 @@ def load_torch_bundle(
         >>> model, params = load_torch_bundle("out/wts.h5.zip", device="cpu")  # doctest: +SKIP
         >>> obj = model(amplitudes, scale)  # complex64 (B, C, N, N)  # doctest: +SKIP
     """
-    contents = read_bundle(
-        path, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling, limits=limits, allow_nonfinite=allow_nonfinite
+    contents, network = read_and_build(
+        path, device=device, restore_params=restore_params, allow_unsafe=allow_unsafe, legacy_scaling=legacy_scaling,
+        limits=limits, allow_nonfinite=allow_nonfinite,
     )
-    if restore_params:
-        params_module.restore_params(contents.params)
-    network = contents.build_network(device, adopt_weights=True)
     return network, dict(contents.params)

@@ -13,11 +13,12 @@ not change behaviour when the global changes later.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from mlflow_ptycho_flavor.errors import ConfigMismatchError, short_repr
@@ -30,6 +31,7 @@ __all__ = [
     "ARCHITECTURE_PARAM_KEYS",
     "cfg",
     "restore_params",
+    "params_restored",
     "reset_cfg",
     "make_params_snapshot",
     "validate_params_snapshot",
@@ -132,6 +134,38 @@ def restore_params(snapshot: Mapping[str, Any]) -> dict[str, Any]:
     if upstream_cfg is not None:
         upstream_cfg.update(snapshot)
     return cfg
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def params_restored(snapshot: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """:func:`restore_params` for a load that can still fail after it (the network is built after the restore,
+    CONFIG-001): if the block raises, every key the snapshot set gets its previous value back, in :data:`cfg` and in
+    upstream's, so a failed load leaves the global config as it found it."""
+    validate_params_snapshot(snapshot)
+    upstream_cfg = _upstream_cfg()
+    with _cfg_lock:
+        previous = {key: cfg.get(key, _ABSENT) for key in snapshot}
+    previous_upstream = {key: upstream_cfg.get(key, _ABSENT) for key in snapshot} if upstream_cfg is not None else {}
+    restore_params(snapshot)
+    try:
+        yield cfg
+    except BaseException:
+        with _cfg_lock:
+            _put_back(cfg, previous)
+        if upstream_cfg is not None:
+            _put_back(upstream_cfg, previous_upstream)
+        raise
+
+
+def _put_back(target: dict[str, Any], previous: Mapping[str, Any]) -> None:
+    for key, value in previous.items():
+        if value is _ABSENT:
+            target.pop(key, None)
+        else:
+            target[key] = value
 
 
 def validate_params_snapshot(snapshot: Mapping[str, Any], *, source: str = "params.dill") -> None:

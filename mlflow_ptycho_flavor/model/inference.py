@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlflow_ptycho_flavor.bundle import read_bundle
+from mlflow_ptycho_flavor.bundle import read_and_build
 from mlflow_ptycho_flavor.network import resolve_device
-from mlflow_ptycho_flavor.bundle.params import restore_params
 from mlflow_ptycho_flavor.errors import PredictionInputError, short_repr
 
 __all__ = [
@@ -416,13 +415,9 @@ class PtychoTorchModel:
             BundleError: the bundle cannot be read (a subclass naming the cause).
             ValueError: ``device`` is not valid or not available.
         """
-        on_cpu = resolve_device(device).type == "cpu"
         if channels_last is None:
-            channels_last = on_cpu
-        # NHWC weights only where the device wants them (build_network: on the CPU the weights keep their layout)
-        contents = read_bundle(path, channels_last=channels_last and not on_cpu)
-        restore_params(contents.params)  # CONFIG-001, before the network is built
-        network = contents.build_network(device, adopt_weights=True, channels_last=channels_last)
+            channels_last = resolve_device(device).type == "cpu"
+        contents, network = read_and_build(path, device=device, channels_last=channels_last)  # CONFIG-001 included
         return cls(
             network=network,
             params=dict(contents.params),

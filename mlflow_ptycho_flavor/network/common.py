@@ -95,6 +95,7 @@ class _AdoptingUnpickler(pickle.Unpickler):
 def _weightless_blueprint(network_class: type, config: Any) -> _Blueprint:
     with weightless_construction():
         network = network_class(config)
+    network.eval()  # every module unpickled from the blueprint is in eval mode already (no walk per load)
     state = network.state_dict(keep_vars=True)
     key_of = {id(tensor): key for key, tensor in state.items()}  # an alias: the last key wins
     buffer = io.BytesIO()
@@ -115,7 +116,7 @@ def adopting_network(network_class: type, config: Any, state_dict: Mapping[str, 
     tensors put in place of the persistent ids, about three times faster than building the tree and loading into it
     (construction and ``load_state_dict`` are ``nn.Module`` bookkeeping, not tensor work). The blueprint is bytes
     this process produced from its own module, never bytes read from a file. Each call returns an independent
-    module tree; non-persistent buffers stay on ``meta`` for the caller to set.
+    module tree, in eval mode; non-persistent buffers stay on ``meta`` for the caller to set.
 
     Raises:
         RuntimeError: keys missing or unexpected, or a shape that differs (``load_state_dict``'s wording).
