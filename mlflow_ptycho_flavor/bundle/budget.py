@@ -240,18 +240,6 @@ class _Machine:
     def _underflow(self) -> CorruptBundleError:
         return CorruptBundleError(f"{self.member} is not a valid pickle: stack underflow")
 
-    def _unknown_memo_key(self, index: Any) -> CorruptBundleError:
-        return CorruptBundleError(f"{self.member} is not a valid pickle: memo key {index} was never stored")
-
-    def _memo_slot_refusal(self, index: Any) -> UnsafeBundleError:
-        # A pickler numbers its memo entries 0, 1, 2, ... one PUT (at least two bytes) per stored object, so a real
-        # index stays below the data's length. The C unpickler grows its memo array to twice the index it is given
-        # and clears every slot: one LONG_BINPUT of 2**31 in a ten-byte pickle asks for 32 GiB.
-        return UnsafeBundleError(
-            f"{self.member} stores into pickle memo slot {short_repr(index)}, past anything its {self.size} bytes "
-            "can number (the C unpickler would allocate memory for every slot up to it); refused before unpickling"
-        )
-
     def pop_mark(self) -> list[Any]:
         if not self.metastack:
             raise CorruptBundleError(f"{self.member} is not a valid pickle: no MARK on the stack")
@@ -309,15 +297,15 @@ class _Machine:
 
         One loop on every load's path (the weights' ``data.pkl`` alone has ~2,600 opcodes): the opcodes plain data
         and ``torch.save`` write most (small ints, memo puts and gets, text, marks, tuples, calls, dict items) are
-        decoded inline and handed to their handler directly; the others are decoded by :func:`_decode_argument` and
-        dispatched through :data:`_STEPS`, after ``screen(name, arg)`` for those of :data:`REFERENCING_OPCODES`.
+        decoded inline and applied there or handed to their handler directly; the others are decoded by
+        :func:`_decode_argument` and dispatched through :data:`_STEPS`, after ``screen(name, arg)`` for those of
+        :data:`REFERENCING_OPCODES`.
 
         Raises:
             ValueError: an unknown opcode, a truncated argument, or no ``STOP`` (the caller words it).
         """
         view = memoryview(data)
-        end = size = len(data)
-        cap = self.budget + 1
+        end = len(data)
         unit, memo, metastack, immutable = self.unit, self.memo, self.metastack, self.immutable
         stack = self.stack
         pos = 0
@@ -339,16 +327,9 @@ class _Machine:
                 index = data[pos] if width == 1 else _UINT4.unpack_from(data, pos)[0]
                 pos += width
                 if code == _BINGET or code == _LONG_BINGET:
-                    value = memo.get(index)
-                    if value is None:
-                        raise self._unknown_memo_key(index)
-                    stack.append(value)
+                    self._get("BINGET", index)
                 else:
-                    if index >= size:
-                        raise self._memo_slot_refusal(index)
-                    if not stack:
-                        raise self._underflow()
-                    memo[index] = stack[-1]
+                    self._put("BINPUT", index)
             elif code == _SHORT_BINUNICODE or code == _BINUNICODE:
                 if code == _SHORT_BINUNICODE:
                     count = data[pos] if pos < end else -1
@@ -361,11 +342,9 @@ class _Machine:
                 if count > end - pos:
                     raise ValueError(f"expected {count} bytes in a {_OPCODES[code][3]} at byte {at}, but only "
                                      f"{end - pos} remain")
-                if count <= _DECODED_TEXT_BYTES:  # short text keeps its name (STACK_GLOBAL names a global with it)
-                    text = str(view[pos : pos + count], "utf-8", "surrogatepass")
-                    stack.append(_Node(min(1 + len(text) // 8, cap), name=text if len(text) <= 200 else ""))
-                else:
-                    stack.append(_Node(min(1 + count // 8, cap)))
+                payload = view[pos : pos + count]  # decoded as _decode_argument does
+                self._atom("BINUNICODE", str(payload, "utf-8", "surrogatepass") if count <= _DECODED_TEXT_BYTES
+                           else payload)
                 pos += count
             elif code == _MARK:
                 metastack.append(stack)
@@ -424,8 +403,8 @@ class _Machine:
         raise ValueError("pickle exhausted before seeing STOP")
 
     def _unit_atom(self, name: str, arg: Any) -> None:
-        # small ints, floats, None, booleans: one shared weight-1 node per run (atoms are never grown; a malformed
-        # pickle that grows one only makes every atom weigh more)
+        # buffers and extension codes here, small ints, floats, None and booleans in run(): one shared weight-1 node
+        # per run (atoms are never grown; a malformed pickle that grows one only makes every atom weigh more)
         self.stack.append(self.unit)
 
     def _atom(self, name: str, arg: Any) -> None:
@@ -443,9 +422,6 @@ class _Machine:
 
     def _empty_container(self, name: str, arg: Any) -> None:
         self.stack.append(_Node(1, 1, True))
-
-
-
 
     def _frozenset(self, name: str, arg: Any) -> None:
         items = self.pop_mark()
@@ -469,7 +445,6 @@ class _Machine:
         items = self.pop_mark()
         self.grow(self.stack[-1] if self.stack else None, *items)
 
-
     def _setitems(self, name: str, arg: Any) -> None:
         items = self.pop_mark()
         self.hashed(*items[0::2])
@@ -492,16 +467,22 @@ class _Machine:
     def _dup(self, name: str, arg: Any) -> None:
         self.stack.append(self.stack[-1] if self.stack else self.pop())
 
-
-    def _get(self, name: str, arg: Any) -> None:  # GET; the binary forms are decoded in run()
+    def _get(self, name: str, arg: Any) -> None:  # GET, BINGET, LONG_BINGET (the binary forms decoded in run())
         value = self.memo.get(arg)
         if value is None:
-            raise self._unknown_memo_key(arg)
+            raise CorruptBundleError(f"{self.member} is not a valid pickle: memo key {arg} was never stored")
         self.stack.append(value)
 
-    def _put(self, name: str, arg: Any) -> None:  # PUT; the binary forms are decoded in run()
+    def _put(self, name: str, arg: Any) -> None:  # PUT, BINPUT, LONG_BINPUT (the binary forms decoded in run())
+        # A pickler numbers its memo entries 0, 1, 2, ... one PUT (at least two bytes) per stored object, so a real
+        # index stays below the data's length. The C unpickler grows its memo array to twice the index it is given
+        # and clears every slot: one LONG_BINPUT of 2**31 in a ten-byte pickle asks for 32 GiB.
         if not 0 <= arg < self.size:
-            raise self._memo_slot_refusal(arg)
+            raise UnsafeBundleError(
+                f"{self.member} stores into pickle memo slot {short_repr(arg)}, past anything its {self.size} bytes "
+                "can number (the C unpickler would allocate memory for every slot up to it); refused before "
+                "unpickling"
+            )
         self.memo[arg] = self.stack[-1] if self.stack else self.pop()
 
     def _global(self, name: str, arg: Any) -> None:
@@ -534,7 +515,6 @@ class _Machine:
         self.hashed(state)  # dict state: every key is set as an attribute
         self.grow(self.stack[-1] if self.stack else None, state)
 
-
     def _readonly_buffer(self, name: str, arg: Any) -> None:
         self.node(self.stack[-1] if self.stack else None)
 
@@ -565,7 +545,7 @@ _STEPS: dict[str, Callable[[_Machine, str, Any], None]] = {
     "POP": _Machine._pop,
     "POP_MARK": _Machine._pop_mark,
     "DUP": _Machine._dup,
-    "GET": _Machine._get,
+    "GET": _Machine._get,  # GET and PUT: also the binary forms, which run() decodes and hands to them
     "PUT": _Machine._put,
     "GLOBAL": _Machine._global,
     "STACK_GLOBAL": _Machine._stack_global,

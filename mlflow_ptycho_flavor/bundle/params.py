@@ -128,12 +128,16 @@ def restore_params(snapshot: Mapping[str, Any]) -> dict[str, Any]:
         The updated global :data:`cfg`.
     """
     validate_params_snapshot(snapshot)
+    _apply(snapshot, _upstream_cfg())
+    return cfg
+
+
+def _apply(snapshot: Mapping[str, Any], upstream_cfg: dict | None) -> None:
+    """Copy ``snapshot`` into :data:`cfg` and upstream's (the step restore_params and params_restored share)."""
     with _cfg_lock:
         cfg.update(snapshot)
-    upstream_cfg = _upstream_cfg()
     if upstream_cfg is not None:
         upstream_cfg.update(snapshot)
-    return cfg
 
 
 _ABSENT = object()
@@ -149,7 +153,7 @@ def params_restored(snapshot: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     with _cfg_lock:
         previous = {key: cfg.get(key, _ABSENT) for key in snapshot}
     previous_upstream = {key: upstream_cfg.get(key, _ABSENT) for key in snapshot} if upstream_cfg is not None else {}
-    restore_params(snapshot)
+    _apply(snapshot, upstream_cfg)
     try:
         yield cfg
     except BaseException:
